@@ -1,0 +1,124 @@
+"""The R-Adapter: a residual, bias-free linear map ``y = x + s * A x``.
+
+``A`` is a full ``d x d`` matrix or a low-rank product ``B @ A`` (``d x r`` times
+``r x d``). It starts at zero so an adapted model starts as the pretrained one.
+Adapter dropping and the EMA copy of the weights live here too, because both are
+properties of one adapter's parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import RAdapterConfig
+
+
+class Adapter(nn.Module):
+    """Residual branch ``s * A(x)`` acting on the feature axis of ``x``.
+
+    The module returns only the branch; the site hook adds it to the frozen output.
+    In eval mode, the EMA copy (when kept) is used, so evaluation, saving and merging
+    all see the temporal ensemble by default.
+    """
+
+    def __init__(self, features: int, config: RAdapterConfig) -> None:
+        super().__init__()
+        self.features = features
+        self.config = config
+        rank = config.rank
+        self.low_rank = rank is not None and rank < features
+        if self.low_rank:
+            # LoRA-style init: B = 0 keeps the product at zero while A gets gradients.
+            self.lora_A = nn.Parameter(torch.empty(rank, features))
+            self.lora_B = nn.Parameter(torch.zeros(features, rank))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            self.weight = nn.Parameter(torch.zeros(features, features))
+        self.scale = nn.Parameter(torch.tensor(float(config.scale_init)), requires_grad=config.learn_scale)
+        if config.ema_momentum is not None:
+            for name, p in self.named_parameters(recurse=False):
+                self.register_buffer(f"ema_{name}", p.detach().clone())
+        # Set by add_adapters: where this adapter sits and how it folds.
+        self.site_path = ""
+        self.site_kind = "linear"
+        self.tower = ""
+        self.hook_handle = None
+        self._merge_cache = None
+        # A buffer, so a resumed run continues the EMA warm-up where it stopped.
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B", "scale") if self.low_rank else ("weight", "scale")
+
+    @property
+    def has_ema(self) -> bool:
+        return self.config.ema_momentum is not None
+
+    def tensors(self, use_ema: bool | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors: live parameters, or the EMA copy.
+
+        ``use_ema=None`` picks the EMA copy in eval mode (when kept), else the live one.
+        """
+        if use_ema is None:
+            use_ema = not self.training
+        use_ema = use_ema and self.has_ema
+        return {n: getattr(self, f"ema_{n}" if use_ema else n) for n in self.param_names}
+
+    def delta_matrix(self, use_ema: bool | None = None) -> torch.Tensor:
+        """``s * A`` as a dense ``d x d`` matrix (fp32), the map folded into a layer."""
+        t = {k: v.float() for k, v in self.tensors(use_ema).items()}
+        a = t["lora_B"] @ t["lora_A"] if self.low_rank else t["weight"]
+        return t["scale"] * a
+
+    def forward(self, x: torch.Tensor, batch_dim: int = 0, channel_dim: int = -1) -> torch.Tensor:
+        t = self.tensors()
+        h = x.movedim(channel_dim, -1) if channel_dim not in (-1, x.dim() - 1) else x
+        h = h.to(t["scale"].dtype)
+        if self.low_rank:
+            h = (h @ t["lora_A"].t()) @ t["lora_B"].t()
+        else:
+            h = h @ t["weight"].t()
+        h = h * t["scale"]
+        if channel_dim not in (-1, x.dim() - 1):
+            h = h.movedim(-1, channel_dim)
+        if self.training and self.config.drop_prob > 0:
+            h = h * self._drop_mask(x, batch_dim, channel_dim)
+        return h.to(x.dtype)
+
+    def _drop_mask(self, x: torch.Tensor, batch_dim: int, channel_dim: int) -> torch.Tensor:
+        p = self.config.drop_prob
+        batch_dim %= x.dim()
+        channel_dim %= x.dim()
+        if self.config.drop_mode == "adapter":
+            # One draw per sample: the whole adapter is on or off for that sample.
+            shape = [x.shape[d] if d == batch_dim else 1 for d in range(x.dim())]
+        else:
+            # Authors' drop-path: one draw per token position, shared across the batch.
+            shape = [1 if d in (batch_dim, channel_dim) else x.shape[d] for d in range(x.dim())]
+        keep = torch.empty(shape, device=x.device).bernoulli_(1.0 - p)
+        return keep / (1.0 - p) if self.config.drop_rescale else keep
+
+    @torch.no_grad()
+    def update_ema(self, momentum: float) -> None:
+        """``ema <- m * ema + (1 - m) * live`` for every adapter tensor."""
+        if not self.has_ema:
+            return
+        for n in self.param_names:
+            getattr(self, f"ema_{n}").lerp_(getattr(self, n).detach(), 1.0 - momentum)
+        self.ema_updates += 1
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set live and EMA tensors to the same values (loading a saved adapter)."""
+        for n in self.param_names:
+            getattr(self, n).copy_(tensors[n])
+            if self.has_ema:
+                getattr(self, f"ema_{n}").copy_(tensors[n])
+
+    def extra_repr(self) -> str:
+        kind = f"rank={self.config.rank}" if self.low_rank else "full-rank"
+        return f"features={self.features}, {kind}, drop={self.config.drop_prob}/{self.config.drop_mode}"

@@ -1,0 +1,63 @@
+"""Export a model merged at alpha as a plain open_clip folder (peft's ``merge_and_unload``).
+
+The folder holds ``open_clip_config.json`` and ``open_clip_model.safetensors`` and loads
+with ``open_clip.create_model_and_transforms('local-dir:/path')``, no radapter needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import atomic_dir
+from .errors import RAdapterError
+from .fingerprint import base_state_dict
+from .inject import require_state
+from .merge import merge_adapters, unmerge_adapters
+from .models import model_info
+
+
+def export_merged(
+    model: nn.Module,
+    out_dir: str | Path,
+    alpha: float | None = None,
+    *,
+    model_cfg: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` merged at ``alpha`` (default: the config's) as an open_clip folder.
+
+    The model is left in the merge state it was in. ``model_cfg`` is needed only when
+    the model was not loaded by :func:`radapter.load_model`.
+    """
+    state = require_state(model)
+    info = model_info(model)
+    model_cfg = model_cfg or (info.model_cfg if info else None)
+    if model_cfg is None:
+        raise RAdapterError("the model's open_clip config is unknown; pass model_cfg=... to export_merged")
+    previous = state.merged_alpha
+    alpha = state.config.default_alpha if alpha is None else float(alpha)
+    merge_adapters(model, alpha)
+    try:
+        # Clone: safetensors refuses tensors that share storage.
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in base_state_dict(model).items()}
+    finally:
+        if previous is None:
+            unmerge_adapters(model)
+        else:
+            merge_adapters(model, previous)
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": dict(info.preprocess_cfg) if info else {},
+        "radapter": {"alpha": alpha, "base_model": info.name if info else None,
+                     "base_fingerprint": state.base_fingerprint, **(extra or {})},
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "open_clip_model.safetensors"))
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2, default=str))
+    return out_dir

@@ -1,0 +1,114 @@
+"""Where adapters go, described as data.
+
+A placement spec is a JSON file (see ``radapter/placements/``): a list of rules, each
+``{"tower", "kind", "pattern"}`` where ``pattern`` is a regular expression over
+``model.named_modules()`` names and ``kind`` names a :mod:`radapter.sites` kind.
+Supporting a new architecture means writing a spec, not editing code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from torch import nn
+
+from .config import RAdapterConfig
+from .errors import PlacementError
+from .sites import get_site_kind
+
+
+@dataclass(frozen=True)
+class SiteRule:
+    tower: str
+    kind: str
+    pattern: str
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    name: str
+    rules: tuple[SiteRule, ...]
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PlacementSpec:
+        try:
+            rules = tuple(SiteRule(r["tower"], r["kind"], r["pattern"]) for r in data["sites"])
+            return cls(name=data["name"], rules=rules, description=data.get("description", ""))
+        except (KeyError, TypeError) as e:
+            raise PlacementError(f"malformed placement spec: missing {e}") from None
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One resolved adapter site: module path, tower, kind and feature width."""
+
+    path: str
+    tower: str
+    kind: str
+    features: int
+
+
+_PLACEMENTS: dict[str, PlacementSpec] = {}
+
+
+def register_placement(spec: PlacementSpec | dict | str | Path) -> PlacementSpec:
+    """Register a spec given as an object, a dict, or a path to a JSON file."""
+    if isinstance(spec, (str, Path)):
+        spec = json.loads(Path(spec).read_text())
+    if isinstance(spec, dict):
+        spec = PlacementSpec.from_dict(spec)
+    for rule in spec.rules:
+        get_site_kind(rule.kind)
+        re.compile(rule.pattern)
+    _PLACEMENTS[spec.name] = spec
+    return spec
+
+
+def list_placements() -> list[str]:
+    return sorted(_PLACEMENTS)
+
+
+def get_placement(name: str) -> PlacementSpec:
+    try:
+        return _PLACEMENTS[name]
+    except KeyError:
+        raise PlacementError(f"unknown placement {name!r}; registered: {list_placements()}") from None
+
+
+def _builtin_specs() -> None:
+    for entry in sorted(resources.files("radapter.placements").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".json"):
+            register_placement(json.loads(entry.read_text()))
+
+
+def resolve_sites(model: nn.Module, config: RAdapterConfig) -> list[SitePlan]:
+    """Match the placement rules against ``model`` and return the sites, in module order.
+
+    ``config.placement == "auto"`` uses every registered spec; rules are anchored and
+    specific, so a model only matches the specs that describe its towers.
+    """
+    specs = list(_PLACEMENTS.values()) if config.placement == "auto" else [get_placement(config.placement)]
+    rules = [(re.compile(r.pattern), r) for s in specs for r in s.rules if r.tower in config.towers]
+    plans: list[SitePlan] = []
+    for path, module in model.named_modules():
+        for regex, rule in rules:
+            if regex.fullmatch(path):
+                kind = get_site_kind(rule.kind)
+                kind.check(module, path)
+                plans.append(SitePlan(path, rule.tower, rule.kind, kind.features(module)))
+                break
+    for tower in config.towers:
+        if not any(p.tower == tower for p in plans):
+            raise PlacementError(
+                f"no adapter sites found for the {tower} tower of {type(model).__name__} "
+                f"(placement {config.placement!r}); describe it with radapter.register_placement"
+            )
+    return plans
+
+
+_builtin_specs()
