@@ -28,13 +28,19 @@ from .placement import resolve_sites
 
 FORMAT = "radapter-adapters"
 FORMAT_VERSION = "1"
-_RESERVED = {"format", "format_version", "base_model", "base_fingerprint", "adapter_config", "default_alpha", "training"}
+_RESERVED = {
+    "format", "format_version", "base_model", "base_fingerprint", "adapter_config", "default_alpha", "training",
+}
 
 
 def _tensor_shapes(path: str, config: RAdapterConfig, features: int) -> dict[str, tuple[int, ...]]:
     low_rank = config.rank is not None and config.rank < features
     if low_rank:
-        return {f"{path}.lora_A": (config.rank, features), f"{path}.lora_B": (features, config.rank), f"{path}.scale": ()}
+        return {
+            f"{path}.lora_A": (config.rank, features),
+            f"{path}.lora_B": (features, config.rank),
+            f"{path}.scale": (),
+        }
     return {f"{path}.weight": (features, features), f"{path}.scale": ()}
 
 
@@ -81,8 +87,8 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a radapter adapter file (no '{FORMAT}' tag)")
@@ -135,7 +141,9 @@ def load_adapters(model: nn.Module, path: str | Path, *, check_base: bool = True
             raise CheckpointError(f"{path} does not fit this model: {e}") from None
     else:
         if state.config.rank != config.rank:
-            raise CheckpointError(f"{path} holds rank-{config.rank} adapters; this model has rank-{state.config.rank} ones")
+            raise CheckpointError(
+                f"{path} holds rank-{config.rank} adapters; this model has rank-{state.config.rank} ones"
+            )
         sites = [(p, a.features) for p, _, a in iter_adapters(model)]
     expected: dict[str, tuple[int, ...]] = {}
     for site, features in sites:

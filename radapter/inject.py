@@ -89,7 +89,7 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, Adapter]]:
 def _build_adapter(model: nn.Module, plan: SitePlan, config: RAdapterConfig) -> Adapter:
     module = model.get_submodule(plan.path)
     weight, _ = get_site_kind(plan.kind).weight_and_bias(module)
-    adapter = Adapter(plan.features, config).to(device=weight.device)
+    adapter = Adapter(plan.features, config).to(device=weight.device).train(module.training)
     adapter.site_path = plan.path
     adapter.site_kind = plan.kind
     adapter.tower = plan.tower

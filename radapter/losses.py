@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float | torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float | torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE with one positive per row (the diagonal), on L2-normalised features."""
     img = F.normalize(image_features, dim=-1)
     txt = F.normalize(text_features, dim=-1)
@@ -56,8 +58,8 @@ def mpm_nce_loss(
     cos = img @ txt.t()
     logits = (cos + margin * (~pos).to(cos.dtype)) / temperature
     i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-    # Positives are symmetric, so the text->image targets are the same matrix transposed.
-    t2i = -(target.t() * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    # Row j of the transposed logits is text j, whose label is labels[j]: same target rows.
+    t2i = -(target * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
     return 0.5 * (i2t + t2i)
 
 

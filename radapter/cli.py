@@ -1,0 +1,77 @@
+"""Command line: ``python -m radapter {export,info,models,demo}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import RAdapterError
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .checkpoint import adapter_file_info, load_adapters
+    from .export import export_merged
+    from .models import load_model
+
+    model, _, _ = load_model(args.model, pretrained=args.pretrained)
+    load_adapters(model, args.adapter)
+    alpha = args.alpha if args.alpha is not None else adapter_file_info(args.adapter)["default_alpha"]
+    out = export_merged(model, args.out, alpha)
+    print(f"wrote {out} (alpha={alpha}); load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from .checkpoint import adapter_file_info
+
+    print(json.dumps(adapter_file_info(args.adapter), indent=2, sort_keys=True))
+
+
+def _models(args: argparse.Namespace) -> None:
+    from .models import list_models
+
+    print("\n".join(list_models()))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps, out_dir=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="radapter", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="write a model merged at alpha as a plain open_clip folder")
+    e.add_argument("--model", required=True, help="model name or path (see `radapter models`)")
+    e.add_argument("--pretrained", default=None, help="pretrained tag or local weights file")
+    e.add_argument("--adapter", required=True, help="adapter .safetensors file")
+    e.add_argument("--alpha", type=float, default=None, help="re-scaling alpha (default: the file's default_alpha)")
+    e.add_argument("--out", required=True, help="output folder (loads as local-dir:OUT)")
+    e.set_defaults(func=_export)
+
+    i = sub.add_parser("info", help="print an adapter file's metadata")
+    i.add_argument("adapter")
+    i.set_defaults(func=_info)
+
+    m = sub.add_parser("models", help="list loadable model names")
+    m.set_defaults(func=_models)
+
+    d = sub.add_parser("demo", help="end-to-end walkthrough of the library on the tiny model")
+    d.add_argument("--steps", type=int, default=150, help="training steps")
+    d.add_argument("--out", default="runs/demo", help="where the adapter file and export go")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except RAdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

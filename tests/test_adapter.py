@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+import radapter
+from radapter.adapter import Adapter
+from radapter.ema import ema_momentum
+
+
+def test_zero_init_keeps_pretrained_outputs(tiny):
+    model, _, tok = tiny
+    # Frozen weights switch nn.MultiheadAttention to its fused kernel (~1e-6 apart): compare like with like.
+    model.requires_grad_(False)
+    x, t = torch.randn(2, 3, 32, 32), tok(["a cat", "a dog"])
+    with torch.no_grad():
+        before = (model.encode_image(x), model.encode_text(t))
+        radapter.add_adapters(model, radapter.RAdapterConfig())
+        after = (model.encode_image(x), model.encode_text(t))
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_full_and_low_rank_shapes_and_scale():
+    full = Adapter(16, radapter.RAdapterConfig())
+    low = Adapter(16, radapter.RAdapterConfig(rank=4))
+    assert full.weight.shape == (16, 16) and not full.low_rank
+    assert low.lora_A.shape == (4, 16) and low.lora_B.shape == (16, 4) and low.low_rank
+    assert float(full.scale) == pytest.approx(0.1) and float(low.scale) == pytest.approx(0.1)
+    assert torch.count_nonzero(low.delta_matrix()) == 0
+    # rank >= d is full rank (the authors' inverted test built full adapters for every rank)
+    assert not Adapter(16, radapter.RAdapterConfig(rank=16)).low_rank
+
+
+def test_branch_is_linear_and_bias_free():
+    a = Adapter(8, radapter.RAdapterConfig(drop_prob=0.0)).eval()
+    with torch.no_grad():
+        a.weight.normal_()
+        a.update_ema(0.0)
+    x = torch.randn(5, 8)
+    assert torch.allclose(a(x), x @ a.delta_matrix().t(), atol=1e-6)
+    assert torch.count_nonzero(a(torch.zeros(3, 8))) == 0
+
+
+def _trained_adapter(mode: str, p: float = 0.5) -> Adapter:
+    a = Adapter(4, radapter.RAdapterConfig(drop_prob=p, drop_mode=mode, ema_momentum=None))
+    with torch.no_grad():
+        a.weight.copy_(torch.eye(4))
+        a.scale.fill_(1.0)
+    return a
+
+
+def test_adapter_drop_is_per_sample_in_training_only():
+    torch.manual_seed(0)
+    a = _trained_adapter("adapter")
+    x = torch.ones(256, 3, 4)  # (batch, tokens, features)
+    out = a(x, batch_dim=0, channel_dim=-1)
+    per_sample = out.flatten(1)
+    # each sample is either fully dropped (0) or fully kept (rescaled by 1/(1-p) = 2)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)
+    assert 0.3 < (per_sample[:, 0] > 0).float().mean() < 0.7
+    a.eval()
+    assert torch.equal(a(x), x)  # no dropping at inference
+
+
+def test_token_drop_mode_shares_mask_across_batch():
+    torch.manual_seed(0)
+    a = _trained_adapter("token")
+    out = a(torch.ones(8, 64, 4), batch_dim=0, channel_dim=-1)
+    assert torch.equal(out[0], out[7])  # same token mask for all samples
+    kept = out[0, :, 0] > 0
+    assert 0 < kept.sum() < 64
+    assert torch.all(out[:, kept] == 2.0) and torch.all(out[:, ~kept] == 0.0)
+
+
+def test_drop_without_rescale():
+    torch.manual_seed(0)
+    a = Adapter(4, radapter.RAdapterConfig(drop_prob=0.5, drop_rescale=False))
+    with torch.no_grad():
+        a.weight.copy_(torch.eye(4))
+        a.scale.fill_(1.0)
+    assert set(a(torch.ones(64, 4)).unique().tolist()) == {0.0, 1.0}
+
+
+def test_channel_first_branch_acts_on_channels():
+    a = Adapter(3, radapter.RAdapterConfig(drop_prob=0.0)).eval()
+    with torch.no_grad():
+        a.weight.normal_()
+        a.update_ema(0.0)
+    x = torch.randn(2, 3, 5, 5)
+    expected = torch.einsum("oc,bchw->bohw", a.delta_matrix(), x)
+    assert torch.allclose(a(x, batch_dim=0, channel_dim=1), expected, atol=1e-6)
+
+
+def test_ema_update_and_warmup():
+    assert ema_momentum(0.999, 0, warmup=True) == pytest.approx(0.1)
+    assert ema_momentum(0.999, 10_000, warmup=True) == pytest.approx(0.999)
+    assert ema_momentum(0.9, 0, warmup=False) == 0.9
+    a = Adapter(2, radapter.RAdapterConfig(ema_momentum=0.9))
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+    a.update_ema(0.9)
+    assert torch.allclose(a.ema_weight, torch.full((2, 2), 0.1))
+    assert int(a.ema_updates) == 1
+
+
+def test_eval_uses_ema_copy_train_uses_live():
+    a = Adapter(2, radapter.RAdapterConfig(drop_prob=0.0))
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+    x = torch.ones(1, 2)
+    assert torch.allclose(a.train()(x), torch.full((1, 2), 0.2))
+    assert torch.count_nonzero(a.eval()(x)) == 0  # EMA copy still zero
+    no_ema = Adapter(2, radapter.RAdapterConfig(drop_prob=0.0, ema_momentum=None))
+    with torch.no_grad():
+        no_ema.weight.fill_(1.0)
+    assert torch.allclose(no_ema.eval()(x), torch.full((1, 2), 0.2))
+
+
+def test_model_level_update_ema_with_warmup(tiny):
+    model, _, _ = tiny
+    radapter.add_adapters(model, radapter.RAdapterConfig(ema_momentum=0.999))
+    _, _, first = next(radapter.iter_adapters(model))
+    with torch.no_grad():
+        first.weight.fill_(1.0)
+    radapter.update_ema(model)  # warm-up momentum at step 0 is 0.1
+    assert torch.allclose(first.ema_weight, torch.full_like(first.ema_weight, 0.9))
+
+
+def test_config_validation_and_roundtrip():
+    cfg = radapter.RAdapterConfig(rank=8, drop_mode="token", towers=["image"])
+    assert radapter.RAdapterConfig.from_json(cfg.to_json()) == cfg
+    for bad in ({"rank": 0}, {"drop_prob": 1.0}, {"drop_mode": "x"}, {"ema_momentum": 1.5}, {"towers": ()}):
+        with pytest.raises(ValueError):
+            radapter.RAdapterConfig(**bad)
+    with pytest.raises(ValueError, match="unknown"):
+        radapter.RAdapterConfig.from_dict({"rnak": 4})

@@ -1,0 +1,162 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import radapter
+from radapter.adapter import Adapter
+from tests.conftest import randomize_adapters
+
+
+def _inputs(tok):
+    torch.manual_seed(123)
+    return torch.randn(4, 3, 32, 32), tok(["a red square", "a photo of a dog", "x", "a blue circle"])
+
+
+def _encode(model, x, t):
+    with torch.no_grad():
+        return torch.cat([model.encode_image(x), model.encode_text(t)], dim=1)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(params=[None, 4], ids=["full-rank", "rank-4"])
+def adapted(request, tiny):
+    model, _, tok = tiny
+    # The reference pretrained outputs are taken with frozen weights, as in the adapted model
+    # (frozen weights select nn.MultiheadAttention's fused kernel, ~1e-6 apart from the other).
+    model.requires_grad_(False)
+    x, t = _inputs(tok)
+    base = _encode(model, x, t)
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    radapter.add_adapters(model, radapter.RAdapterConfig(rank=request.param))
+    randomize_adapters(model)
+    return model, x, t, base, base_weights
+
+
+def test_alpha_zero_reproduces_pretrained(adapted):
+    model, x, t, base, base_weights = adapted
+    radapter.merge_adapters(model, 0.0)
+    assert (_encode(model, x, t) - base).abs().max() <= 1e-6
+    for k, v in radapter.fingerprint.base_state_dict(model).items():
+        assert torch.equal(v, base_weights[k]), k
+
+
+def test_alpha_one_merged_equals_unmerged(adapted):
+    model, x, t, base, _ = adapted
+    unmerged = _encode(model, x, t)
+    assert _rel(unmerged, base) > 1e-3  # the adapters really change the model
+    radapter.merge_adapters(model, 1.0)
+    assert _rel(_encode(model, x, t), unmerged) <= 1e-5
+
+
+def test_merged_model_runs_no_adapter_code(adapted, monkeypatch):
+    model, x, t, _, _ = adapted
+    radapter.merge_adapters(model, 0.5)
+    assert all(not m._forward_hooks for m in model.modules())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("adapter ran in a merged model")
+
+    monkeypatch.setattr(Adapter, "forward", boom)
+    _encode(model, x, t)
+
+
+def test_unmerge_restores_exactly_and_remerge_is_stable(adapted):
+    model, x, t, _, base_weights = adapted
+    unmerged = _encode(model, x, t)
+    radapter.merge_adapters(model, 0.7)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    radapter.unmerge_adapters(model)
+    for k, v in radapter.fingerprint.base_state_dict(model).items():
+        assert torch.equal(v, base_weights[k]), k
+    assert torch.equal(_encode(model, x, t), unmerged)
+    for _ in range(3):
+        radapter.merge_adapters(model, 0.2)
+        radapter.merge_adapters(model, 0.7)  # re-merge while merged
+        radapter.unmerge_adapters(model)
+        radapter.merge_adapters(model, 0.7)
+        assert all(torch.equal(v, first[k]) for k, v in model.state_dict().items())
+        radapter.unmerge_adapters(model)
+
+
+def test_alpha_is_wiseft_interpolation(adapted):
+    """Merging at alpha equals WiSE-FT between the models merged at 0 and at 1."""
+    model, x, t, _, _ = adapted
+    radapter.merge_adapters(model, 0.0)
+    theta_0 = {k: v.clone() for k, v in model.state_dict().items()}
+    radapter.merge_adapters(model, 1.0)
+    theta_1 = {k: v.clone() for k, v in model.state_dict().items()}
+    radapter.merge_adapters(model, 0.3)
+    mid = _encode(model, x, t)
+    model.load_state_dict(radapter.interpolate_weights(theta_0, theta_1, 0.3))
+    assert _rel(_encode(model, x, t), mid) <= 1e-5
+
+
+def test_remerge_reuses_precomputed_deltas(adapted, monkeypatch):
+    model, *_ = adapted
+    radapter.merge_adapters(model, 0.5)
+    calls = []
+    original = Adapter.delta_matrix
+    monkeypatch.setattr(Adapter, "delta_matrix", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with FlopCounterMode(display=False) as flops:
+        for alpha in (0.1, 0.9, 0.4):
+            radapter.merge_adapters(model, alpha)
+    assert calls == [] and flops.get_total_flops() == 0
+    with FlopCounterMode(display=False) as flops:  # the counter does see a fresh merge's matmuls
+        radapter.unmerge_adapters(model)
+        randomize_adapters(model, seed=3)
+        radapter.merge_adapters(model, 0.4)
+    assert flops.get_total_flops() > 0
+    assert radapter.merged_alpha(model) == 0.4
+
+
+def test_deltas_follow_adapter_updates(adapted):
+    model, x, t, _, _ = adapted
+    radapter.merge_adapters(model, 1.0)
+    radapter.unmerge_adapters(model)
+    randomize_adapters(model, seed=7)  # e.g. more training + EMA updates
+    unmerged = _encode(model, x, t)
+    radapter.merge_adapters(model, 1.0)
+    assert _rel(_encode(model, x, t), unmerged) <= 1e-5
+
+
+def test_merge_uses_ema_copy_by_default(tiny):
+    model, _, tok = tiny
+    x, t = _inputs(tok)
+    radapter.add_adapters(model, radapter.RAdapterConfig())
+    randomize_adapters(model)  # live == EMA
+    with torch.no_grad():
+        for _, _, a in radapter.iter_adapters(model):
+            a.weight.mul_(3.0)  # live copy moves on, EMA copy stays
+    ema_out = _encode(model.eval(), x, t)
+    radapter.merge_adapters(model, 1.0)
+    assert _rel(_encode(model, x, t), ema_out) <= 1e-5
+    radapter.merge_adapters(model, 1.0, use_ema=False)
+    assert _rel(_encode(model, x, t), ema_out) > 1e-3
+
+
+def test_default_alpha_and_release_cache(adapted):
+    model, *_ = adapted
+    radapter.merge_adapters(model)
+    assert radapter.merged_alpha(model) == 0.5
+    with pytest.raises(RuntimeError):
+        radapter.release_merge_cache(model)
+    radapter.unmerge_adapters(model)
+    radapter.release_merge_cache(model)
+    assert radapter.merged_alpha(model) is None
+
+
+def test_merge_without_adapters_is_a_clear_error(tiny):
+    model, _, _ = tiny
+    with pytest.raises(radapter.RAdapterError, match="add_adapters"):
+        radapter.merge_adapters(model, 0.5)
+
+
+def test_interpolate_weights_checks_keys():
+    with pytest.raises(ValueError, match="differ"):
+        radapter.interpolate_weights({"a": torch.zeros(1)}, {"b": torch.zeros(1)}, 0.5)
+    out = radapter.interpolate_weights({"a": torch.zeros(2), "n": torch.tensor(3)},
+                                       {"a": torch.ones(2), "n": torch.tensor(5)}, 0.25)
+    assert torch.allclose(out["a"], torch.full((2,), 0.25)) and int(out["n"]) == 3
