@@ -1,0 +1,31 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from radapter.demo import run_demo
+
+EXPECTED_KEYS = {
+    "remerge_over_forward", "remerge_speedup_vs_matmul", "remerge_speedup_vs_wiseft", "remerge_over_floor",
+    "merged_over_base_b1", "merged_over_base_b32", "unmerged_over_base_b32", "machine", "command", "date",
+}
+
+
+@pytest.mark.slow
+def test_demo_trains_adapters_and_alpha_moves_between_models(tmp_path):
+    results = run_demo(steps=120, out_dir=tmp_path)
+    assert results["ID@1.0"] >= 90.0  # adapters learnt the task
+    assert results["ID@0.0"] <= 40.0  # alpha = 0 is the untrained (random-init) model
+    assert (tmp_path / "demo-adapter.safetensors").is_file()
+    assert (tmp_path / "merged-open-clip" / "open_clip_model.safetensors").is_file()
+
+
+def test_merge_benchmark_script_writes_its_keys(tmp_path):
+    out = tmp_path / "merge.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.merge_bench", "--model", "radapter-tiny-vit",
+                    "--reps", "2", "--reps-b32", "1", "--batch", "4", "--out", str(out)],
+                   check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert EXPECTED_KEYS <= result.keys()
+    assert result["model"] == "radapter-tiny-vit" and result["adapters"] == 8
