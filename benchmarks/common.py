@@ -71,12 +71,13 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def write_result(path: str | Path, result: dict[str, Any]) -> None:
+def write_result(path: str | Path, result: dict[str, Any], module: str) -> None:
+    """Write ``result`` with the date, the command (``python -m module args``) and the machine."""
     from radapter.atomic import atomic_path
 
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", "-m", module, *sys.argv[1:]]),
         "machine": machine(),
         **result,
     }

@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default="docs/bench/merge.json")
     args = p.parse_args()
-    write_result(args.out, run(args.model, args.reps, args.reps_b32, args.batch))
+    write_result(args.out, run(args.model, args.reps, args.reps_b32, args.batch), "benchmarks.merge_bench")
 
 
 if __name__ == "__main__":
