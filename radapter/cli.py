@@ -1,4 +1,4 @@
-"""Command line: ``python -m radapter {export,info,models,demo}``."""
+"""Command line: ``python -m radapter {export,info,models,eval,demo}``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps, out_dir=args.out)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .eval_cli import main as eval_main
+
+    eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radapter", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list loadable model names")
     m.set_defaults(func=_models)
+
+    from .eval_cli import add_arguments
+
+    ev = sub.add_parser("eval", help="evaluate a model (+ adapter at alpha) on benchmarks or your own data")
+    add_arguments(ev)
+    ev.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="end-to-end walkthrough of the library on the tiny model")
     d.add_argument("--steps", type=int, default=150, help="training steps")
