@@ -1,0 +1,127 @@
+"""Training objectives: contrastive (MPM-NCE or CLIP/FLYP) and DRM.
+
+DRM (our reading; the authors' training loss is not public), for a batch of images x
+with labels y, C classes, image features f, default-prompt text features t_df and
+description text features t_cd (all L2-normalised, s = the frozen logit scale):
+
+    ERM = CE(s * f . t_df, y)
+    WRM = - sum_c q_c(x) log softmax_c(s * f . t_cd)
+    loss = ERM + lambda * WRM
+
+q is the frozen pretrained model's core-based prediction on x (its description head):
+``softmax`` normalisation q = softmax(s * a), or ``minmax`` q = (a - min a) / (max a - min a),
+renormalised to sum to 1, with a = f0(x) . t0_cd the image-description affinities;
+optionally mixed with the label, q <- (1 - m) q + m onehot(y). At inference the two heads
+are mixed: p = beta * softmax(df) + (1 - beta) * softmax(cd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import radapter
+
+from .config import TrainConfig
+
+
+class DualEncoder(nn.Module):
+    """``forward(images, texts) -> (image features, text features)``: one call DDP can wrap."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(images), self.model.encode_text(texts)
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor over processes, keeping gradients (identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t))
+
+
+def logit_scale(model: nn.Module) -> float:
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                     scale: float) -> torch.Tensor:
+    """Loss over the global batch (features gathered from every process).
+
+    Every process computes the same global loss; the gather's backward sums each
+    process's share, and DDP's gradient averaging then gives exactly the one-process
+    gradient of the global batch.
+    """
+    img, txt, labels = gather(img), gather(txt), gather(labels)
+    if cfg.loss_name == "mpm-nce":
+        return radapter.mpm_nce_loss(img, txt, labels, eps=cfg.eps, margin=cfg.margin, temperature=cfg.temperature)
+    return radapter.clip_loss(img, txt, scale)
+
+
+def drm_loss(img: torch.Tensor, class_txt: torch.Tensor, labels: torch.Tensor, q: torch.Tensor,
+             cfg: TrainConfig, scale: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """ERM on the default-prompt head + lambda * WRM proxy on the description head (see module doc).
+
+    ``class_txt`` holds the C default-prompt features then the C description features.
+    The loss is per example, so each process's local mean is averaged by DDP.
+    """
+    c = class_txt.shape[0] // 2
+    f = F.normalize(img, dim=-1)
+    t = F.normalize(class_txt, dim=-1)
+    logits_df, logits_cd = scale * f @ t[:c].t(), scale * f @ t[c:].t()
+    erm = F.cross_entropy(logits_df, labels)
+    wrm = -(q * F.log_softmax(logits_cd, dim=1)).sum(1).mean()
+    return erm + cfg.drm_lambda * wrm, {"erm": erm.item(), "wrm": wrm.item()}
+
+
+def normalise_core(affinity: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, scale: float) -> torch.Tensor:
+    """Turn image-description affinities of the frozen model into targets q (rows sum to 1)."""
+    if cfg.drm_norm == "softmax":
+        q = torch.softmax(scale * affinity, dim=1)
+    else:
+        lo, hi = affinity.min(1, keepdim=True).values, affinity.max(1, keepdim=True).values
+        q = (affinity - lo) / (hi - lo).clamp(min=1e-8)
+        q = q / q.sum(1, keepdim=True).clamp(min=1e-8)
+    if cfg.drm_label_mix > 0:
+        q = (1 - cfg.drm_label_mix) * q + cfg.drm_label_mix * F.one_hot(labels, q.shape[1]).float()
+    return q
+
+
+def class_prompts(classnames: list[str], descriptions: list[str], cfg: TrainConfig) -> list[str]:
+    """The C default prompts followed by the C descriptions (DRM's dual prompts)."""
+    if len(descriptions) != len(classnames):
+        raise radapter.RAdapterError("DRM needs one core-feature description per class; for your own classes "
+                                     "run `python -m train.describe` first")
+    return [cfg.drm_default_template.format(c) for c in classnames] + list(descriptions)
+
+
+class DualHead:
+    """DRM inference: ``p = beta * softmax(default head) + (1 - beta) * softmax(description head)``.
+
+    Returns log-probabilities, so argmax and softmax behave like logits downstream.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, classnames: list[str], descriptions: list[str],
+                 cfg: TrainConfig) -> None:
+        from radapter.zero_shot import encode_texts
+
+        t = encode_texts(model, tokenizer, class_prompts(classnames, descriptions, cfg))
+        c = len(classnames)
+        self.df, self.cd = t[:c], t[c:]
+        self.beta, self.scale = cfg.drm_beta, logit_scale(model)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(features.float(), dim=-1)
+        p = (self.beta * torch.softmax(self.scale * f @ self.df.t().to(f.device), 1)
+             + (1 - self.beta) * torch.softmax(self.scale * f @ self.cd.t().to(f.device), 1))
+        return p.clamp(min=1e-12).log()
