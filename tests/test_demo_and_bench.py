@@ -29,3 +29,12 @@ def test_merge_benchmark_script_writes_its_keys(tmp_path):
     result = json.loads(out.read_text())
     assert result.keys() >= EXPECTED_KEYS
     assert result["model"] == "radapter-tiny-vit" and result["adapters"] == 8
+
+
+def test_train_cost_benchmark_script_writes_its_keys(tmp_path):
+    out = tmp_path / "train_cost.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.train_cost", "--models", "radapter-tiny-vit", "--steps", "1",
+                    "--warmup", "0", "--batch", "4", "--out", str(out)], check=True, capture_output=True)
+    model = json.loads(out.read_text())["models"]["radapter-tiny-vit"]
+    assert {"memory_ratio", "step_time_ratio", "r_adapter", "full_ft"} <= model.keys()
+    assert model["r_adapter"]["trainable_parameters"] < model["full_ft"]["trainable_parameters"]
