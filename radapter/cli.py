@@ -1,4 +1,4 @@
-"""Command line: ``python -m radapter {export,info,models,eval,demo}``."""
+"""Command line: ``python -m radapter {export,info,models,eval,segment,demo}``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,32 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps, out_dir=args.out)
 
 
+def _segment(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from .atomic import atomic_path
+    from .checkpoint import adapter_file_info, load_adapters
+    from .data.sets import open_image
+    from .merge import merge_adapters
+    from .models import load_model
+    from .segmentation import overlay, segment
+
+    model, _, tokenizer = load_model(args.model, pretrained=args.pretrained) if args.model else load_model()
+    if args.adapter:
+        load_adapters(model, args.adapter)
+        alpha = args.alpha if args.alpha is not None else adapter_file_info(args.adapter)["default_alpha"]
+        merge_adapters(model, alpha)
+    image = np.asarray(open_image(args.image))
+    names = [c.strip() for c in args.classes.split(",") if c.strip()]
+    seg = segment(model, tokenizer, image, names, method=args.method, background=args.background)
+    with atomic_path(args.out) as tmp:
+        Image.fromarray(overlay(image, seg)).save(tmp, format="PNG")
+    for name, score in seg.scores().items():
+        print(f"{name}: {100 * seg.masks()[name].mean():.1f}% of pixels, mean probability {score:.2f}")
+    print(f"wrote {args.out}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from .eval_cli import main as eval_main
 
@@ -70,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model (+ adapter at alpha) on benchmarks or your own data")
     add_arguments(ev)
     ev.set_defaults(func=_eval)
+
+    s = sub.add_parser("segment", help="open-vocabulary segmentation of an image; writes a PNG overlay")
+    s.add_argument("image", help="image file")
+    s.add_argument("--classes", required=True, help="comma-separated class names")
+    s.add_argument("--out", default="segmentation.png", help="overlay PNG to write")
+    s.add_argument("--model", default=None, help="model name or path (default: the offline default model)")
+    s.add_argument("--pretrained", default=None)
+    s.add_argument("--adapter", default=None, help="adapter file to merge")
+    s.add_argument("--alpha", type=float, default=None, help="merge alpha (default: the adapter's default_alpha)")
+    s.add_argument("--method", default="clearclip", help="ViT last-block fix: clearclip, sclip, maskclip, plain")
+    s.add_argument("--background", default="threshold", help="threshold or prompts")
+    s.set_defaults(func=_segment)
 
     d = sub.add_parser("demo", help="end-to-end walkthrough of the library on the tiny model")
     d.add_argument("--steps", type=int, default=150, help="training steps")

@@ -77,6 +77,11 @@ class IoUAccumulator:
             self.inter[name] = self.inter.get(name, 0) + int(np.sum(p & t))
             self.union[name] = self.union.get(name, 0) + int(np.sum(p | t))
 
+    def add_binary(self, name: str, pred: np.ndarray, target: np.ndarray) -> None:
+        """One class's predicted and true masks (for predictions that may overlap across classes)."""
+        self.inter[name] = self.inter.get(name, 0) + int(np.sum(pred & target))
+        self.union[name] = self.union.get(name, 0) + int(np.sum(pred | target))
+
     def per_class(self) -> dict[str, float]:
         return {n: self.inter[n] / self.union[n] for n in self.union if self.union[n] > 0}
 

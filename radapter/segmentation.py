@@ -1,0 +1,280 @@
+"""Training-free open-vocabulary segmentation from a (merged) image-text model.
+
+Dense image-text scores per location, compared with class text embeddings:
+- open_clip ViTs: patch tokens projected into the joint space, with a last-block fix
+  that keeps them local: ``clearclip`` (default: query-query attention, no residual, no
+  FFN in the last block), ``sclip`` (correlative attention softmax(qq^T) + softmax(kk^T)),
+  ``maskclip`` (value path only), or ``plain`` (the unmodified last block);
+- timm CNN towers (the offline default): the final feature map, each location passed
+  through the image head (class-activation style).
+Coarse grids are refined with sliding windows over an upscaled image; scores are
+upsampled to the image size; pixels whose best class scores below a background
+threshold (or lose to "background" prompts) stay unlabelled (0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inject import adapter_state
+from .merge import merge_adapters, unmerge_adapters
+from .zero_shot import Template, encode_texts, render
+
+VIT_METHODS = ("clearclip", "sclip", "maskclip", "plain")
+BACKGROUND_PROMPTS = ("background", "a photo of nothing", "texture", "ground", "sky", "wall")
+
+
+@dataclass
+class Segmentation:
+    """Per-pixel labels (0 = unlabelled, k = ``classnames[k - 1]``), per-class masks and scores."""
+
+    labels: np.ndarray  # (H, W) int
+    probs: np.ndarray  # (C, H, W) float: softmax over classes at each pixel
+    classnames: list[str]
+
+    def masks(self) -> dict[str, np.ndarray]:
+        return {name: self.labels == k for k, name in enumerate(self.classnames, start=1)}
+
+    def scores(self) -> dict[str, float]:
+        """Mean probability of each class over its own mask (0 when it has no pixel)."""
+        return {name: float(self.probs[k - 1][self.labels == k].mean()) if (self.labels == k).any() else 0.0
+                for k, name in enumerate(self.classnames, start=1)}
+
+    def annotations(self) -> list[tuple[np.ndarray, str]]:
+        """``[(mask, label)]`` for ``gr.AnnotatedImage``, classes with at least one pixel."""
+        return [(m.astype(np.float32), n) for n, m in self.masks().items() if m.any()]
+
+
+def _vit_last_block(block: nn.Module, x: torch.Tensor, method: str) -> torch.Tensor:
+    attn = block.attn
+    y = block.ln_1(x)
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    b, n, d = q.shape
+    heads = attn.num_heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    if method == "maskclip":
+        out = v
+    elif method == "clearclip":
+        out = F.scaled_dot_product_attention(q, q, v)
+    elif method == "sclip":
+        out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    out = F.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias)
+    if method in ("clearclip", "maskclip"):
+        return out  # no residual, no FFN: the residual stream carries the global, non-local signal
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _vit_dense(visual: nn.Module, images: torch.Tensor, method: str) -> torch.Tensor:
+    x = visual._embeds(images)
+    blocks = visual.transformer.resblocks
+    for block in blocks[:-1]:
+        x = block(x)
+    x = _vit_last_block(blocks[-1], x, method)
+    x = visual.ln_post(x[:, 1:])  # drop the class token
+    if visual.proj is not None:
+        x = x @ visual.proj
+    side = math.isqrt(x.shape[1])
+    return x.reshape(x.shape[0], side, side, -1)
+
+
+def _cnn_dense(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    fmap = visual.trunk.forward_features(images)  # (B, C, h, w)
+    b, c, h, w = fmap.shape
+    flat = fmap.permute(0, 2, 3, 1).reshape(-1, c)
+    return visual.head(flat).reshape(b, h, w, -1)
+
+
+@torch.inference_mode()
+def dense_features(model: nn.Module, images: torch.Tensor, method: str = "clearclip") -> torch.Tensor:
+    """L2-normalised per-location embeddings ``(B, h, w, d)`` in the joint space."""
+    visual = model.visual
+    if hasattr(visual, "transformer") and hasattr(visual, "_embeds"):
+        if method not in VIT_METHODS:
+            raise ValueError(f"method must be one of {VIT_METHODS}, got {method!r}")
+        feats = _vit_dense(visual, images, method)
+    elif hasattr(visual, "trunk") and hasattr(visual.trunk, "forward_features"):
+        feats = _cnn_dense(visual, images)
+    else:
+        raise ValueError(f"no dense-feature path for a {type(visual).__name__} image tower")
+    return F.normalize(feats.float(), dim=-1)
+
+
+def _input_size(model: nn.Module) -> int:
+    size = model.visual.preprocess_cfg.get("size", 224) if hasattr(model.visual, "preprocess_cfg") else 224
+    return size[0] if isinstance(size, (list, tuple)) else int(size)
+
+
+def _normalise(model: nn.Module, image: np.ndarray) -> torch.Tensor:
+    cfg = getattr(model.visual, "preprocess_cfg", {})
+    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))[:, None, None]
+    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))[:, None, None]
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    return (x - mean) / std
+
+
+def score_maps(model: nn.Module, image: np.ndarray, text: torch.Tensor, *, method: str = "clearclip",
+               scale: float = 2.0, stride_frac: float = 0.5) -> torch.Tensor:
+    """Cosine scores ``(K, H, W)`` of every text embedding at every pixel of ``image`` (H, W, 3 uint8).
+
+    The image is upscaled by ``scale`` and covered by overlapping windows of the model's
+    input size; window scores are upsampled and averaged where windows overlap.
+    """
+    device = next(model.parameters()).device
+    h, w = image.shape[:2]
+    size = _input_size(model)
+    x = _normalise(model, image)[None]
+    big_h, big_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(big_h, big_w), mode="bilinear", align_corners=False)
+    stride = max(1, int(size * stride_frac))
+    rows = sorted({*range(0, big_h - size + 1, stride), big_h - size})
+    cols = sorted({*range(0, big_w - size + 1, stride), big_w - size})
+    total = torch.zeros(text.shape[0], big_h, big_w)
+    count = torch.zeros(1, big_h, big_w)
+    text = F.normalize(text.float(), dim=-1).to(device)
+    crops = [(r, c) for r in rows for c in cols]
+    for i in range(0, len(crops), 8):
+        batch = torch.cat([x[:, :, r:r + size, c:c + size] for r, c in crops[i:i + 8]]).to(device)
+        feats = dense_features(model, batch, method)  # (B, g, g, d)
+        sims = torch.einsum("bhwd,kd->bkhw", feats, text)
+        sims = F.interpolate(sims, size=(size, size), mode="bilinear", align_corners=False).cpu()
+        for (r, c), s in zip(crops[i:i + 8], sims, strict=True):
+            total[:, r:r + size, c:c + size] += s
+            count[:, r:r + size, c:c + size] += 1
+    maps = total / count
+    return F.interpolate(maps[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+def _with_merged(model: nn.Module, fn: Callable[[], Any]) -> Any:
+    """Dense paths bypass the adapter hooks, so unmerged adapters are folded in (alpha 1) meanwhile."""
+    state = adapter_state(model)
+    if state is None or state.merged_alpha is not None:
+        return fn()
+    merge_adapters(model, 1.0)
+    try:
+        return fn()
+    finally:
+        unmerge_adapters(model)
+
+
+def segment(
+    model: nn.Module, tokenizer: Callable, image: np.ndarray, classnames: Sequence[str], *,
+    templates: Sequence[Template] = ("a photo of a {}.", "an emoji of a {}.", "a drawing of a {}."),
+    method: str = "clearclip", background: str = "threshold", threshold: float | None = None,
+    temperature: float = 50.0, scale: float = 2.0,
+) -> Segmentation:
+    """Label every pixel of ``image`` (H, W, 3 uint8) with one of ``classnames`` or 0 (unlabelled).
+
+    ``background="threshold"``: a pixel is unlabelled when its best class probability
+    (softmax over classes of ``temperature * cosine``) is below ``threshold`` (default
+    ``1.5 / C``: clearly above uniform) or its best cosine is below the image's median best
+    cosine; ``"prompts"``: generic background prompts compete as extra classes.
+    """
+    names = [str(c).strip() for c in classnames]
+    if not names or any(not n for n in names):
+        raise ValueError("segment needs a non-empty list of non-empty class names")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    prompts = [[render(t, n) for t in templates] for n in names]
+    if background == "prompts":
+        prompts += [[p] for p in BACKGROUND_PROMPTS]
+    elif background != "threshold":
+        raise ValueError("background must be 'threshold' or 'prompts'")
+
+    def run() -> Segmentation:
+        flat = [p for group in prompts for p in group]
+        emb = encode_texts(model, tokenizer, flat)
+        text, start = [], 0
+        for group in prompts:
+            text.append(F.normalize(emb[start:start + len(group)].mean(0), dim=-1))
+            start += len(group)
+        maps = score_maps(model, image, torch.stack(text), method=method, scale=scale)
+        probs = torch.softmax(temperature * maps, dim=0)
+        best_p, best = probs.max(0)
+        labels = best + 1
+        if background == "prompts":
+            labels[best >= len(names)] = 0
+        else:
+            cut = threshold if threshold is not None else 1.5 / len(names)
+            best_cos = maps.max(0).values
+            labels[(best_p < cut) | (best_cos < best_cos.median())] = 0
+        return Segmentation(labels.numpy().astype(np.int64), probs[:len(names)].numpy(), names)
+
+    return _with_merged(model, run)
+
+
+def saliency_mask(model: nn.Module, image: np.ndarray, *, method: str = "clearclip") -> np.ndarray:
+    """Text-agnostic baseline: the norm of the un-normalised dense features, above its median."""
+    def run() -> np.ndarray:
+        size = _input_size(model)
+        x = F.interpolate(_normalise(model, image)[None], size=(size, size), mode="bilinear", align_corners=False)
+        visual = model.visual
+        with torch.inference_mode():
+            feats = _vit_dense(visual, x, method) if hasattr(visual, "_embeds") else _cnn_dense(visual, x)
+        norm = feats.norm(dim=-1)[None]
+        norm = F.interpolate(norm, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        return (norm > norm.median()).numpy()
+
+    return _with_merged(model, run)
+
+
+def own_object_hits(labels: np.ndarray, target: np.ndarray) -> list[bool]:
+    """For a two-object image: does each class's mask land mostly on its own object (not the other)?"""
+    hits = []
+    for k, other in ((1, 2), (2, 1)):
+        pred = labels == k
+        hits.append(int(np.sum(pred & (target == k))) > int(np.sum(pred & (target == other))))
+    return hits
+
+
+def evaluate_segmentation(model: nn.Module, tokenizer: Callable, sset, *, method: str = "clearclip",
+                          limit: int | None = None, progress: bool = True, **segment_kw: Any) -> dict[str, float]:
+    """mIoU of the open-vocabulary masks, the text-agnostic saliency baseline, and the own-object rate.
+
+    Each image is segmented with its own object names as the vocabulary. The baseline gives
+    every class the same salient mask, so it scores what salience alone explains; the
+    own-object rate (two-object images) shows whether the text picks the right object.
+    """
+    from tqdm.auto import tqdm
+
+    from .metrics import IoUAccumulator
+
+    ours, baseline = IoUAccumulator(), IoUAccumulator()
+    own: list[bool] = []
+    n = len(sset) if limit is None else min(limit, len(sset))
+    for i in tqdm(range(n), desc=f"segmenting {sset.name}", disable=not progress):
+        names, target, image = sset.object_names[i], sset.masks[i], sset.images[i]
+        seg = segment(model, tokenizer, image, names, method=method, **segment_kw)
+        ours.add(seg.labels, target, names)
+        salient = saliency_mask(model, image, method=method)
+        for k, name in enumerate(names, start=1):
+            baseline.add_binary(name, salient, target == k)
+        if len(names) == 2:
+            own += own_object_hits(seg.labels, target)
+    return {"miou": ours.miou(), "miou_saliency_baseline": baseline.miou(),
+            "own_object_rate": float(np.mean(own)) if own else float("nan"), "images": n, "method": method}
+
+
+def overlay(image: np.ndarray, seg: Segmentation, opacity: float = 0.5) -> np.ndarray:
+    """The image with each class's mask tinted in its own colour (for a PNG or the app)."""
+    palette = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                        [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128]], np.float32)
+    out = image.astype(np.float32).copy()
+    for k in range(1, len(seg.classnames) + 1):
+        mask = seg.labels == k
+        out[mask] = (1 - opacity) * out[mask] + opacity * palette[(k - 1) % len(palette)]
+    return out.round().astype(np.uint8)
