@@ -17,7 +17,7 @@ from radapter.data.sets import ClassificationSet
 
 from .config import TrainConfig
 from .data import TrainData, base_novel_split
-from .objectives import DualHead
+from .objectives import dual_head
 
 log = logging.getLogger("train")
 
@@ -34,7 +34,7 @@ def head_builder(tokenizer: Callable, names: list[str], templates: tuple[str, ..
                  cfg: TrainConfig) -> ev.HeadBuilder:
     """The classifier at test time: the zero-shot head of the (merged) text tower, or DRM's dual head."""
     if cfg.uses_drm:
-        return lambda model: DualHead(model, tokenizer, names, descriptions, cfg)
+        return lambda model: dual_head(model, tokenizer, names, descriptions, cfg)
     return ev.default_head_builder(names, templates, tokenizer)
 
 

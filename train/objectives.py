@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import radapter
+from radapter.drm import DRMHead
 
 from .config import TrainConfig
 
@@ -105,23 +106,9 @@ def class_prompts(classnames: list[str], descriptions: list[str], cfg: TrainConf
     return [cfg.drm_default_template.format(c) for c in classnames] + list(descriptions)
 
 
-class DualHead:
-    """DRM inference: ``p = beta * softmax(default head) + (1 - beta) * softmax(description head)``.
-
-    Returns log-probabilities, so argmax and softmax behave like logits downstream.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Callable, classnames: list[str], descriptions: list[str],
-                 cfg: TrainConfig) -> None:
-        from radapter.zero_shot import encode_texts
-
-        t = encode_texts(model, tokenizer, class_prompts(classnames, descriptions, cfg))
-        c = len(classnames)
-        self.df, self.cd = t[:c], t[c:]
-        self.beta, self.scale = cfg.drm_beta, logit_scale(model)
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(features.float(), dim=-1)
-        p = (self.beta * torch.softmax(self.scale * f @ self.df.t().to(f.device), 1)
-             + (1 - self.beta) * torch.softmax(self.scale * f @ self.cd.t().to(f.device), 1))
-        return p.clamp(min=1e-12).log()
+def dual_head(model: nn.Module, tokenizer: Callable, classnames: list[str], descriptions: list[str],
+              cfg: TrainConfig) -> DRMHead:
+    """DRM inference head of the (merged) text tower: ``beta`` mixes the two heads' probabilities."""
+    class_prompts(classnames, descriptions, cfg)  # same one-line error when descriptions are missing
+    return DRMHead(model, tokenizer, classnames, descriptions, default_template=cfg.drm_default_template,
+                   beta=cfg.drm_beta)
