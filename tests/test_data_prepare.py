@@ -55,7 +55,7 @@ def test_missing_sources_say_what_to_install(tmp_path):
     with pytest.raises(MissingSourceError, match="dataset-fashion-mnist"):
         prepare_fmnist(tmp_path / "out", source=tmp_path / "nowhere")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(BenchmarkNotPrepared, match="python -m radapter.data.prepare fmnist"):
+    with pytest.raises(BenchmarkNotPrepared, match=r"python -m radapter\.data\.prepare fmnist"):
         load_benchmark("fmnist", tmp_path)
 
 

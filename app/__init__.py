@@ -1,0 +1,1 @@
+"""The Gradio demo over trained adapters: ``python -m app``."""

@@ -1,0 +1,85 @@
+"""Start the app: ``python -m app [--model NAME] [--adapter-dir DIR] [--host H] [--port P]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version-check call home; set before importing gradio
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ADAPTERS = ROOT / "adapters"
+MAX_FILE_SIZE = "5mb"
+
+
+def build_app(model: str | None = None, pretrained: str | None = None, adapter_dir: str | Path | None = None,
+              collection: str | None = "emoji:google-test", index_dir: str | Path | None = None,
+              data_dir: str | Path | None = None):
+    """The Gradio Blocks app (not launched) and its services."""
+    from radapter.data.cache import data_dir as resolve_data
+
+    from .examples import Examples
+    from .service import ModelService
+    from .ui import build_ui
+
+    service = ModelService.from_config(model, pretrained, adapter_dir if adapter_dir is not None else DEFAULT_ADAPTERS)
+    retrieval = None
+    if collection:
+        retrieval = _retrieval(service, collection, index_dir, data_dir)
+    demo = build_ui(service, retrieval, Examples(data=data_dir or resolve_data()))
+    return demo, service, retrieval
+
+
+def _retrieval(service, collection: str, index_dir, data_dir):
+    from indexes import parse_collection
+    from indexes.errors import CollectionError
+    from radapter.data.benchmarks import BenchmarkNotPrepared
+
+    from .retrieval import RetrievalService
+
+    try:
+        coll = parse_collection(collection, data_dir=data_dir)
+    except (CollectionError, BenchmarkNotPrepared) as e:
+        logging.getLogger(__name__).warning("retrieval is off: %s", e)
+        return None
+    cache = Path(index_dir) if index_dir else Path(os.environ.get("RADAPTER_INDEXES",
+                                                                  Path.home() / ".cache" / "radapter" / "indexes"))
+    retrieval = RetrievalService(service, coll, cache)
+    retrieval.warm(service.adapter_names()[0])
+    return retrieval
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=None, help="model name or path (default: the offline default model)")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or local weights file")
+    p.add_argument("--adapter-dir", default=str(DEFAULT_ADAPTERS), help="folder of adapter .safetensors files the "
+                                                                        "browser may choose from")
+    p.add_argument("--collection", default="emoji:google-test",
+                   help="retrieval collection (BENCH:SET, folder:PATH or a caption table); '' disables retrieval")
+    p.add_argument("--index-dir", default=None, help="index cache (default $RADAPTER_INDEXES or "
+                                                     "~/.cache/radapter/indexes)")
+    p.add_argument("--data-dir", default=None, help="prepared benchmarks (default $RADAPTER_DATA)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "root", "open_clip"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    t0 = time.time()
+    from radapter.errors import RAdapterError
+
+    try:
+        demo, _, _ = build_app(args.model, args.pretrained, args.adapter_dir, args.collection or None,
+                               args.index_dir, args.data_dir)
+    except RAdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo.queue(max_size=32, default_concurrency_limit=2)
+    logging.getLogger(__name__).info("app built in %.1f s", time.time() - t0)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=False)
+    return 0

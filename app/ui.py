@@ -1,0 +1,225 @@
+"""The Gradio interface: Classify, Retrieve, Segment and OOD inspection, with one alpha slider.
+
+Every handler receives the session's own alpha (the slider value applied on release), so
+concurrent users at different alphas never see each other's results. Bad input becomes a
+one-line message in the UI (``gr.Error``), never a stack trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from radapter.data.benchmark_spec import get_spec
+from radapter.errors import RAdapterError
+from radapter.evaluation import plot_alpha_sweep
+
+from .examples import Examples
+from .retrieval import RetrievalService
+from .service import InputError, ModelService, as_rgb_array, check_alpha, parse_classnames
+from .shift import CORRUPTIONS, apply_corruption
+
+log = logging.getLogger(__name__)
+BENCHMARK_CLASSES = {name: ", ".join(get_spec(name).prompt_names) for name in ("fmnist", "digits", "emoji")}
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn input and library errors into a message in the UI, and log anything unexpected."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, RAdapterError, ValueError) as e:
+            raise gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except gr.Error:
+            raise
+        except Exception:
+            log.exception("handler %s failed", fn.__name__)
+            raise gr.Error("Something went wrong on the server; the error is in the server log.") from None
+    return wrapper
+
+
+def build_ui(service: ModelService, retrieval: RetrievalService | None, examples: Examples) -> gr.Blocks:
+    adapters = service.adapter_names()
+    first = adapters[0]
+    first_alpha = service.adapters[first].default_alpha if first in service.adapters else 0.0
+
+    def adapter_info(adapter: str) -> str:
+        entry = service.adapters.get(adapter)
+        if entry is None:
+            return "No adapter: every result is the zero-shot model."
+        t = entry.info.get("training", {})
+        drm = " DRM adapter: beta mixes its default and description heads." if entry.drm else ""
+        return (f"**{adapter}**: trained with {t.get('method', '?')} on {t.get('benchmark') or 'user data'} "
+                f"({t.get('steps', '?')} steps); default alpha {entry.default_alpha:g}.{drm}")
+
+    @friendly
+    def classify(image, classes: str, adapter: str, alpha: float, beta: float):
+        arr, names, alpha = as_rgb_array(image), parse_classnames(classes), check_alpha(alpha)
+        res = service.compare(arr, names, adapter, alpha, beta=beta)
+        return res["zero-shot"], res["fine-tuned"], res["merged"], f"alpha used: **{alpha:g}**"
+
+    @friendly
+    def search_text(query: str, adapter: str, alpha: float):
+        if retrieval is None:
+            raise InputError("Retrieval is off: the server has no collection configured.")
+        if not query or not query.strip():
+            raise InputError("Type a text query.")
+        ans = retrieval.search(query.strip()[:200], "text->image", adapter, check_alpha(alpha))
+        return ans.items, f"alpha used: {alpha:g}; {ans.message}"
+
+    @friendly
+    def search_image(image, adapter: str, alpha: float):
+        if retrieval is None:
+            raise InputError("Retrieval is off: the server has no collection configured.")
+        arr, alpha = as_rgb_array(image), check_alpha(alpha)
+        images = retrieval.search(arr, "image->image", adapter, alpha)
+        texts = retrieval.search(arr, "image->text", adapter, alpha)
+        labels = {f"{t} ": float(s) for t, s in texts.items}
+        return images.items, labels, f"alpha used: {alpha:g}; {images.message}"
+
+    @friendly
+    def segment(image, classes: str, adapter: str, alpha: float):
+        arr, names, alpha = as_rgb_array(image, max_side=512), parse_classnames(classes), check_alpha(alpha)
+        if len(names) > 20:
+            raise InputError("Segmentation takes at most 20 class names.")
+        seg = service.segment(arr, names, adapter, alpha)
+        found = ", ".join(f"{n} ({100 * m.mean():.0f}%)" for n, m in seg.masks().items() if m.any()) or "none"
+        return (arr, seg.annotations()), f"alpha used: **{alpha:g}**; classes found: {found}"
+
+    @friendly
+    def inspect(image, classes: str, corruption: str, severity: int, adapter: str, alpha: float, beta: float):
+        arr, names, alpha = as_rgb_array(image, max_side=512), parse_classnames(classes), check_alpha(alpha)
+        shifted = apply_corruption(arr, corruption, int(severity))
+        before = service.compare(arr, names, adapter, alpha, beta=beta)
+        after = service.compare(shifted, names, adapter, alpha, beta=beta)
+        rows = [f"| {k} | {_top(before[k])} | {_top(after[k])} |" for k in ("zero-shot", "fine-tuned", "merged")]
+        table = "| model | original | shifted |\n|---|---|---|\n" + "\n".join(rows)
+        return shifted, after["zero-shot"], after["fine-tuned"], after["merged"], \
+            f"alpha used: **{alpha:g}**\n\n{table}"
+
+    @friendly
+    def emoji_pair(name: str):
+        pair = examples.emoji_pair(name)
+        if pair is None:
+            raise InputError("Emoji examples need the prepared emoji benchmark: "
+                             "python -m radapter.data.prepare emoji")
+        return pair[0], pair[1]
+
+    def plot(adapter: str, alpha: float):
+        entry = service.adapters.get(adapter)
+        if entry is None or not entry.sweep:
+            return None
+        out = Path(tempfile.gettempdir()) / f"radapter-sweep-{adapter}-{alpha:.2f}.png"
+        return str(plot_alpha_sweep(entry.sweep, out, current_alpha=alpha))
+
+    with gr.Blocks(title="radapter: robust fine-tuning, inspected") as demo:
+        gr.Markdown(f"# radapter\nModel: **{service.model_name}** - zero-shot vs fine-tuned vs merged at alpha. "
+                    "Move the alpha slider and release it: every next result uses the new alpha.")
+        with gr.Row():
+            adapter = gr.Dropdown(adapters, value=first, label="Adapter (server-side files)")
+            alpha = gr.Slider(0.0, 1.0, value=first_alpha, step=0.05, label="alpha (0 = zero-shot, 1 = fine-tuned)")
+            beta = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="DRM beta (DRM adapters only)")
+        info = gr.Markdown(adapter_info(first))
+
+        with gr.Tab("Classify"):
+            with gr.Row():
+                with gr.Column():
+                    c_image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"])
+                    c_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names (comma separated)")
+                    c_bench = gr.Dropdown(list(BENCHMARK_CLASSES), value=None, label="...or a benchmark's classes")
+                    c_button = gr.Button("Classify", variant="primary")
+                    gr.Examples(examples.classify_examples(), inputs=[c_image, c_classes])
+                with gr.Column():
+                    c_zs, c_ft, c_merged = (gr.Label(num_top_classes=5, label=t) for t in
+                                            ("zero-shot (alpha 0)", "fine-tuned (alpha 1)", "merged (your alpha)"))
+                    c_alpha = gr.Markdown()
+        with gr.Tab("Retrieve"):
+            r_status = gr.Markdown(retrieval.status(first) if retrieval else "Retrieval is off.")
+            with gr.Row():
+                with gr.Column():
+                    r_query = gr.Textbox(label="Text query", value="a red heart")
+                    r_text_button = gr.Button("Search images", variant="primary")
+                    r_image = gr.Image(type="numpy", label="...or an image query")
+                    r_image_button = gr.Button("Search images and captions")
+                with gr.Column():
+                    r_gallery = gr.Gallery(label="Results", columns=4, height="auto")
+                    r_texts = gr.Label(num_top_classes=8, label="Captions (image query)")
+                    r_note = gr.Markdown()
+        with gr.Tab("Segment"):
+            with gr.Row():
+                with gr.Column():
+                    s_image = gr.Image(type="numpy", label="Image")
+                    s_classes = gr.Textbox(label="Class names (comma separated)", value="cat, coffee cup")
+                    s_button = gr.Button("Segment", variant="primary")
+                    gr.Examples(examples.segment_examples(), inputs=[s_image, s_classes])
+                with gr.Column():
+                    s_out = gr.AnnotatedImage(label="Masks")
+                    s_note = gr.Markdown()
+        with gr.Tab("OOD inspection"):
+            with gr.Row():
+                with gr.Column():
+                    o_image = gr.Image(type="numpy", label="Image")
+                    o_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names")
+                    o_corruption = gr.Dropdown(CORRUPTIONS, value="gaussian_noise", label="Corruption")
+                    o_severity = gr.Slider(1, 5, value=3, step=1, label="Severity")
+                    o_button = gr.Button("Shift and compare", variant="primary")
+                    gr.Examples(examples.classify_examples(), inputs=[o_image, o_classes])
+                    with gr.Accordion("The other emoji style", open=False):
+                        o_emoji = gr.Dropdown(examples.emoji_names(), label="Emoji (test split)")
+                        o_pair = gr.Button("Show Google and Twitter styles")
+                        with gr.Row():
+                            o_google = gr.Image(label="Google (ID)", type="numpy")
+                            o_twitter = gr.Image(label="Twitter (OOD)", type="numpy")
+                with gr.Column():
+                    o_shifted = gr.Image(label="Shifted input", type="numpy")
+                    o_zs, o_ft, o_merged = (gr.Label(num_top_classes=3, label=f"{t} on the shifted input") for t in
+                                            ("zero-shot", "fine-tuned", "merged"))
+                    o_note = gr.Markdown()
+                    o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter",
+                                      value=plot(first, first_alpha))
+
+        c_args = [c_image, c_classes, adapter, alpha, beta]
+        c_outs = [c_zs, c_ft, c_merged, c_alpha]
+        c_button.click(classify, c_args, c_outs, api_name="classify")
+        c_bench.change(lambda b: BENCHMARK_CLASSES.get(b, ""), c_bench, c_classes, api_name="benchmark_classes")
+        r_text_button.click(search_text, [r_query, adapter, alpha], [r_gallery, r_note], api_name="search_text")
+        r_image_button.click(search_image, [r_image, adapter, alpha], [r_gallery, r_texts, r_note],
+                             api_name="search_image")
+        s_button.click(segment, [s_image, s_classes, adapter, alpha], [s_out, s_note], api_name="segment")
+        o_button.click(inspect, [o_image, o_classes, o_corruption, o_severity, adapter, alpha, beta],
+                       [o_shifted, o_zs, o_ft, o_merged, o_note], api_name="inspect")
+        o_pair.click(emoji_pair, o_emoji, [o_google, o_twitter], api_name="emoji_pair")
+
+        def on_release(image, classes, adapter_name, a, b):
+            """Re-merge at the released alpha and refresh the classification (if there is an input)."""
+            if image is None:
+                return gr.skip(), gr.skip(), gr.skip(), f"alpha used: **{a:g}**", plot(adapter_name, a)
+            return (*classify(image, classes, adapter_name, a, b), plot(adapter_name, a))
+
+        alpha.release(on_release, c_args, [*c_outs, o_plot], api_name="set_alpha")
+
+        def on_adapter(name: str):
+            if retrieval is not None:
+                retrieval.warm(name)
+            entry = service.adapters.get(name)
+            a = entry.default_alpha if entry else 0.0
+            return gr.update(value=a), adapter_info(name), plot(name, a), \
+                retrieval.status(name) if retrieval else "Retrieval is off."
+
+        adapter.change(on_adapter, adapter, [alpha, info, o_plot, r_status], api_name="select_adapter")
+        demo.load(lambda name: retrieval.status(name) if retrieval else "Retrieval is off.", adapter, r_status,
+                  api_name=False)
+    return demo
+
+
+def _top(probs: dict[str, float]) -> str:
+    name, p = max(probs.items(), key=lambda kv: kv[1])
+    return f"{name} ({100 * p:.0f}%)"
+
