@@ -191,7 +191,7 @@ class ModelService:
                 self._heads.popitem(last=False)
         return head
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: adapter tensors made under it could not be tracked by the merge cache
     def probabilities(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float, *,
                       templates: Sequence[str] = DEFAULT_TEMPLATES, beta: float = 0.5) -> dict[str, float]:
         """Class probabilities of ``image`` from ``adapter`` merged at ``alpha``."""

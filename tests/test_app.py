@@ -1,0 +1,103 @@
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import radapter
+from app.service import NO_ADAPTER, InputError, ModelService, as_rgb_array, discover_adapters, parse_classnames
+from tests.conftest import randomize_adapters
+
+
+@pytest.fixture
+def service(tmp_path):
+    torch.manual_seed(0)
+    model, preprocess, tok = radapter.load_model(radapter.TINY_MODEL)
+    trained = radapter.load_model(radapter.TINY_MODEL)[0]
+    trained.load_state_dict(model.state_dict())
+    radapter.add_adapters(trained, radapter.RAdapterConfig())
+    randomize_adapters(trained, std=0.3)
+    radapter.save_adapters(trained, tmp_path / "colours.safetensors", default_alpha=0.4,
+                           training={"method": "r-adapter", "benchmark": "toy", "steps": 1})
+    (tmp_path / "broken.safetensors").write_bytes(b"nope")
+    return ModelService(model, preprocess, tok, discover_adapters(tmp_path), model_name="tiny")
+
+
+IMAGE = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+CLASSES = ["red square", "green circle", "blue star"]
+
+
+def test_adapters_come_from_the_server_folder_only(service):
+    assert service.adapter_names() == ["colours", NO_ADAPTER]  # the corrupt file is skipped, not fatal
+    assert service.adapters["colours"].default_alpha == 0.4
+    with pytest.raises(InputError, match="Unknown adapter"):
+        service.probabilities(IMAGE, CLASSES, "/etc/passwd", 0.5)
+
+
+def test_compare_zero_shot_fine_tuned_merged(service):
+    res = service.compare(IMAGE, CLASSES, "colours", 0.5)
+    assert set(res) == {"zero-shot", "fine-tuned", "merged"}
+    base = service.compare(IMAGE, CLASSES, None, 0.5)["zero-shot"]
+    assert res["zero-shot"] == pytest.approx(base, abs=1e-5)  # alpha 0 is the pretrained model
+    assert res["fine-tuned"] != pytest.approx(res["zero-shot"], abs=1e-4)
+
+
+def test_concurrent_users_at_different_alphas_get_their_own_results(service):
+    alphas = [0.0, 0.3, 0.7, 1.0] * 4
+    sequential = {a: service.probabilities(IMAGE, CLASSES, "colours", a) for a in set(alphas)}
+    results: list[tuple[float, dict]] = []
+
+    def user(a: float) -> None:
+        results.append((a, service.probabilities(IMAGE, CLASSES, "colours", a)))
+
+    threads = [threading.Thread(target=user, args=(a,)) for a in alphas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == len(alphas)
+    for a, probs in results:
+        assert probs == pytest.approx(sequential[a], abs=1e-6)
+
+
+def test_bad_inputs_are_clear_messages():
+    with pytest.raises(InputError, match="at least one class"):
+        parse_classnames(" , ,")
+    with pytest.raises(InputError, match="too many"):
+        parse_classnames(",".join(f"c{i}" for i in range(200)))
+    assert parse_classnames("cat, dog, cat") == ["cat", "dog"]
+    with pytest.raises(InputError, match="Upload an image"):
+        as_rgb_array(None)
+    with pytest.raises(InputError, match="not an image"):
+        as_rgb_array("not-an-image.txt")
+    assert max(as_rgb_array(np.zeros((3000, 1500, 3), np.uint8)).shape[:2]) == 1024
+
+
+def test_gradio_app_end_to_end(service, tmp_path):
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from app.examples import Examples
+    from app.ui import build_ui
+
+    demo = build_ui(service, None, Examples(tmp_path / "examples", data=tmp_path / "no-data"))
+    demo.queue()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, max_file_size="5mb",
+                quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        names = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        assert {"/classify", "/segment", "/inspect", "/search_text", "/set_alpha"} <= set(names)
+        Image.fromarray(IMAGE).save(tmp_path / "x.png")
+        zs, ft, merged, note = client.predict(handle_file(str(tmp_path / "x.png")), "red square, blue star",
+                                              "colours", 0.3, 0.5, api_name="/classify")
+        assert "0.3" in note and {c["label"] for c in merged["confidences"]} == {"red square", "blue star"}
+        with pytest.raises(Exception, match="at least one class"):
+            client.predict(handle_file(str(tmp_path / "x.png")), " ", "colours", 0.3, 0.5, api_name="/classify")
+        (tmp_path / "bad.png").write_bytes(b"not a png")
+        with pytest.raises(Exception):  # noqa: B017 - gradio wraps the message; the UI shows it
+            client.predict(handle_file(str(tmp_path / "bad.png")), "a", "colours", 0.3, 0.5, api_name="/classify")
+    finally:
+        demo.close()
