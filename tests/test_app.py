@@ -91,7 +91,7 @@ def test_gradio_app_end_to_end(service, tmp_path):
         names = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
         assert {"/classify", "/segment", "/inspect", "/search_text", "/set_alpha"} <= set(names)
         Image.fromarray(IMAGE).save(tmp_path / "x.png")
-        zs, ft, merged, note = client.predict(handle_file(str(tmp_path / "x.png")), "red square, blue star",
+        _, _, merged, note = client.predict(handle_file(str(tmp_path / "x.png")), "red square, blue star",
                                               "colours", 0.3, 0.5, api_name="/classify")
         assert "0.3" in note and {c["label"] for c in merged["confidences"]} == {"red square", "blue star"}
         with pytest.raises(Exception, match="at least one class"):
