@@ -1,12 +1,16 @@
-# radapter: runs README command 1 (the main job) as a non-root user.
-# Hugging Face Docker Spaces run containers as uid 1000 and expect port 7860 once the app exists.
+# radapter demo: serves the Gradio app on 0.0.0.0:7860 as a non-root user (Hugging Face Docker
+# Spaces run containers as uid 1000 and expect app_port 7860).
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     GRADIO_ANALYTICS_ENABLED=False \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_SERVER_PORT=7860
 
+# npm fetches the emoji packages the retrieval collection is built from (a package registry, not a hub).
+RUN apt-get update && apt-get install -y --no-install-recommends npm && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 
@@ -15,6 +19,8 @@ RUN pip install -r requirements.txt
 
 COPY --chown=user . .
 USER user
+ENV RADAPTER_DATA=/home/user/.cache/radapter/data RADAPTER_INDEXES=/home/user/.cache/radapter/indexes
+RUN python -m radapter.data.prepare emoji segmentation
 
 EXPOSE 7860
-CMD ["python", "-m", "radapter", "demo", "--out", "/tmp/radapter-demo"]
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "7860"]
