@@ -65,6 +65,12 @@ def test_adapter_methods_write_adapter_metrics_and_plot(folders, tmp_path, metho
         assert drm["beta"] == 0.5 and len(drm["descriptions"]) == 4
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "config.json").read_text())["method"] == method
+    from train.ship import ship
+
+    adapter, sweep = ship(tmp_path, tmp_path / "shipped" / "colours")
+    assert radapter.adapter_file_info(adapter)["default_alpha"] == res["chosen_alpha"]
+    points = json.loads(sweep.read_text())["points"]
+    assert [p["alpha"] for p in points] == [0.0, 0.5, 1.0] and "top1" in points[0]["ood_avg"]
 
 
 @pytest.mark.parametrize("method", ["full-ft", "full-ft-drm", "lora", "linear-probe", "zero-shot"])
