@@ -15,7 +15,7 @@ from .config import RAdapterConfig
 from .errors import RAdapterError
 from .fingerprint import compute_fingerprint
 from .placement import SitePlan, resolve_sites
-from .sites import get_site_kind
+from .sites import get_site_kind, link_fold_target
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, Adapter]]:
 
 def _build_adapter(model: nn.Module, plan: SitePlan, config: RAdapterConfig) -> Adapter:
     module = model.get_submodule(plan.path)
+    if plan.fold_into is not None:
+        link_fold_target(module, model.get_submodule(plan.fold_into))
     weight, _ = get_site_kind(plan.kind).weight_and_bias(module)
     adapter = Adapter(plan.features, config).to(device=weight.device).train(module.training)
     adapter.site_path = plan.path

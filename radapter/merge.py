@@ -57,8 +57,10 @@ def merge_adapters(model: nn.Module, alpha: float | None = None, *, use_ema: boo
     """
     state = require_state(model)
     alpha = state.config.default_alpha if alpha is None else float(alpha)
-    for _, module, adapter in iter_adapters(model):
-        for t in _plan_for(module, adapter, use_ema):
+    # Plan every site before writing any, so a site that cannot fold leaves the model untouched.
+    plans = [(module, _plan_for(module, adapter, use_ema)) for _, module, adapter in iter_adapters(model)]
+    for module, plan in plans:
+        for t in plan:
             if t.delta is None:
                 t.target.copy_(t.base)
             else:

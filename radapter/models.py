@@ -1,6 +1,8 @@
 """Model loading: `load_model(name_or_path) -> (model, preprocess, tokenizer)`.
 
 Accepted names, in the order they are tried:
+- nothing: the offline default model :data:`DEFAULT_MODEL` (EfficientNet-Lite0 + MiniLM
+  joined by an ImageNet bridge; not OpenAI CLIP, see ``docs/offline_model.md``);
 - a name registered with :func:`register_model` (a custom builder, e.g. the offline default);
 - ``"local-dir:/path"`` or a folder path: an open_clip folder
   (``open_clip_config.json`` + ``open_clip_model.safetensors``), read offline;
@@ -31,6 +33,8 @@ open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 #: The tiny ViT CLIP used by fast tests: 2 layers, width 64, 32 px images.
 TINY_MODEL = "radapter-tiny-vit"
+#: The model ``load_model()`` returns: real pretrained towers that ship offline (see radapter.offline_model).
+DEFAULT_MODEL = "effnet-lite0-minilm-bridge"
 
 LoadedModel = tuple[nn.Module, Callable, Callable]
 Builder = Callable[..., LoadedModel]
@@ -89,7 +93,7 @@ def _model_cfg(name: str, model: nn.Module, kwargs: dict[str, Any]) -> dict[str,
 
 
 def load_model(
-    name_or_path: str,
+    name_or_path: str | None = None,
     *,
     pretrained: str | None = None,
     device: str = "cpu",
@@ -98,9 +102,12 @@ def load_model(
 ) -> LoadedModel:
     """Load a model and return ``(model, preprocess, tokenizer)``, model in eval mode.
 
-    ``preprocess`` is the evaluation transform. Offline, a hub tag fails with a
-    :class:`ModelLoadError` that says how to point at a local checkpoint.
+    No name loads :data:`DEFAULT_MODEL`. ``preprocess`` is the evaluation transform.
+    Offline, a hub tag fails with a :class:`ModelLoadError` that says how to point at a
+    local checkpoint.
     """
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
     if not name_or_path:
         raise ModelLoadError("load_model needs a model name or path")
     if name_or_path in _BUILDERS:
@@ -134,6 +141,15 @@ def load_model(
         tokenizer=name,
     )
     return model, preprocess, tokenizer
+
+
+def _build_default(**kwargs: Any) -> LoadedModel:
+    from .offline_model.build import build_offline_model  # lazy: `import radapter` stays fast
+
+    return build_offline_model(**kwargs)
+
+
+register_model(DEFAULT_MODEL, _build_default)
 
 
 def model_info(model: nn.Module) -> ModelInfo | None:

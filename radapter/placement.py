@@ -2,7 +2,9 @@
 
 A placement spec is a JSON file (see ``radapter/placements/``): a list of rules, each
 ``{"tower", "kind", "pattern"}`` where ``pattern`` is a regular expression over
-``model.named_modules()`` names and ``kind`` names a :mod:`radapter.sites` kind.
+``model.named_modules()`` names and ``kind`` names a :mod:`radapter.sites` kind. An
+optional ``"fold_into"`` names a sibling of the site (a path relative to the site's
+parent) that the kind folds into as well, e.g. the conv before a ``conv_bn`` site.
 Supporting a new architecture means writing a spec, not editing code.
 """
 
@@ -26,6 +28,7 @@ class SiteRule:
     tower: str
     kind: str
     pattern: str
+    fold_into: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class PlacementSpec:
     @classmethod
     def from_dict(cls, data: dict) -> PlacementSpec:
         try:
-            rules = tuple(SiteRule(r["tower"], r["kind"], r["pattern"]) for r in data["sites"])
+            rules = tuple(SiteRule(r["tower"], r["kind"], r["pattern"], r.get("fold_into")) for r in data["sites"])
             return cls(name=data["name"], rules=rules, description=data.get("description", ""))
         except (KeyError, TypeError) as e:
             raise PlacementError(f"malformed placement spec: missing {e}") from None
@@ -45,12 +48,13 @@ class PlacementSpec:
 
 @dataclass(frozen=True)
 class SitePlan:
-    """One resolved adapter site: module path, tower, kind and feature width."""
+    """One resolved adapter site: module path, tower, kind, feature width, and the fold target's path."""
 
     path: str
     tower: str
     kind: str
     features: int
+    fold_into: str | None = None
 
 
 _PLACEMENTS: dict[str, PlacementSpec] = {}
@@ -86,6 +90,17 @@ def _builtin_specs() -> None:
             register_placement(json.loads(entry.read_text()))
 
 
+def _fold_target(model: nn.Module, path: str, rule: SiteRule) -> tuple[str | None, nn.Module | None]:
+    if rule.fold_into is None:
+        return None, None
+    parent = path.rpartition(".")[0]
+    target_path = f"{parent}.{rule.fold_into}" if parent else rule.fold_into
+    try:
+        return target_path, model.get_submodule(target_path)
+    except AttributeError:
+        raise PlacementError(f"site {path!r}: fold_into {rule.fold_into!r} names no sibling module") from None
+
+
 def resolve_sites(model: nn.Module, config: RAdapterConfig) -> list[SitePlan]:
     """Match the placement rules against ``model`` and return the sites, in module order.
 
@@ -100,7 +115,9 @@ def resolve_sites(model: nn.Module, config: RAdapterConfig) -> list[SitePlan]:
             if regex.fullmatch(path):
                 kind = get_site_kind(rule.kind)
                 kind.check(module, path)
-                plans.append(SitePlan(path, rule.tower, rule.kind, kind.features(module)))
+                target_path, target = _fold_target(model, path, rule)
+                kind.check_fold_target(module, target, path)
+                plans.append(SitePlan(path, rule.tower, rule.kind, kind.features(module), target_path))
                 break
     for tower in config.towers:
         if not any(p.tower == tower for p in plans):

@@ -1,0 +1,10 @@
+"""The offline default model: EfficientNet-Lite0 (ImageNet) + MiniLM, joined by an ImageNet bridge.
+
+Not OpenAI CLIP: a weak but real zero-shot image-text model assembled from towers that
+ship on PyPI, so the library, tests and demo work with no network. Load it with
+``radapter.load_model()``; see ``docs/offline_model.md`` for what it is and its limits.
+"""
+
+from .build import NAME, build_offline_model
+
+__all__ = ["NAME", "build_offline_model"]
