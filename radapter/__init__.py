@@ -9,8 +9,14 @@ from .export import export_merged
 from .fingerprint import compute_fingerprint
 from .inject import adapter_parameters, add_adapters, iter_adapters, trainable_summary
 from .losses import clip_loss, cross_entropy, mpm_nce_loss
-from .merge import interpolate_weights, merge_adapters, merged_alpha, release_merge_cache, unmerge_adapters
-from .models import TINY_MODEL, list_models, load_model, register_model
+from .merge import (
+    interpolate_weights,
+    merge_adapters,
+    merged_alpha,
+    release_merge_cache,
+    unmerge_adapters,
+)
+from .models import DEFAULT_MODEL, TINY_MODEL, list_models, load_model, register_model
 from .placement import PlacementSpec, list_placements, register_placement
 from .sites import register_site_kind
 from .zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, ZeroShotHead, zero_shot_classifier
@@ -18,7 +24,8 @@ from .zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, ZeroShotHead, zero_sh
 __version__ = "0.1.0"
 
 __all__ = [
-    "OPENAI_TEMPLATES", "SIMPLE_TEMPLATES", "TINY_MODEL", "Adapter", "CheckpointError", "ModelLoadError",
+    "DEFAULT_MODEL", "OPENAI_TEMPLATES", "SIMPLE_TEMPLATES", "TINY_MODEL", "Adapter", "CheckpointError",
+    "ModelLoadError",
     "PlacementError", "PlacementSpec", "RAdapterConfig", "RAdapterError", "ZeroShotHead", "adapter_file_info",
     "adapter_parameters", "add_adapters", "clip_loss", "compute_fingerprint", "cross_entropy", "export_merged",
     "interpolate_weights", "iter_adapters", "list_models", "list_placements", "load_adapters", "load_model",

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import open_clip
 from safetensors.torch import save_file
 from torch import nn
 
@@ -35,6 +36,9 @@ def export_merged(
     the model was not loaded by :func:`radapter.load_model`.
     """
     state = require_state(model)
+    if type(model) not in (open_clip.CLIP, open_clip.CustomTextCLIP):
+        raise RAdapterError(f"export writes plain open_clip checkpoints, and a {type(model).__name__} has modules "
+                            "open_clip cannot build; ship the adapter file (save_adapters) instead")
     info = model_info(model)
     model_cfg = model_cfg or (info.model_cfg if info else None)
     if model_cfg is None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .errors import RAdapterError
 from .inject import attach_hook, detach_hook, iter_adapters, require_state
 from .sites import FoldedTensor, get_site_kind
 
@@ -29,6 +30,9 @@ class _MergeCache:
 
 def _source_key(adapter: Adapter, use_ema: bool) -> tuple:
     tensors = adapter.tensors(use_ema)
+    if any(t.is_inference() for t in tensors.values()):
+        raise RAdapterError("adapters created or loaded under torch.inference_mode() cannot be tracked for "
+                            "merging; add or load them outside it (torch.no_grad() is fine)")
     return (use_ema, *((id(t), t._version) for t in tensors.values()))
 
 

@@ -63,3 +63,14 @@ def test_export_cli_and_info(tiny, tmp_path, capsys):
     assert '"default_alpha": 0.8' in capsys.readouterr().out
     assert main(["info", str(tmp_path / "nope.safetensors")]) == 2
     assert "adapter file not found" in capsys.readouterr().err
+
+
+def test_export_refuses_models_open_clip_cannot_rebuild(tiny, tmp_path):
+    import pytest
+
+    model, _, _ = tiny
+    model.__class__ = type("BridgeLike", (type(model),), {})
+    radapter.add_adapters(model, radapter.RAdapterConfig())
+    with pytest.raises(radapter.RAdapterError, match="plain open_clip"):
+        radapter.export_merged(model, tmp_path / "x", alpha=0.5)
+    assert not (tmp_path / "x").exists()

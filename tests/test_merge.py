@@ -160,3 +160,11 @@ def test_interpolate_weights_checks_keys():
     out = radapter.interpolate_weights({"a": torch.zeros(2), "n": torch.tensor(3)},
                                        {"a": torch.ones(2), "n": torch.tensor(5)}, 0.25)
     assert torch.allclose(out["a"], torch.full((2,), 0.25)) and int(out["n"]) == 3
+
+
+def test_adapters_made_under_inference_mode_are_a_clear_error(tiny):
+    model, _, _ = tiny
+    with torch.inference_mode():
+        radapter.add_adapters(model, radapter.RAdapterConfig())
+    with pytest.raises(radapter.RAdapterError, match="inference_mode"):
+        radapter.merge_adapters(model, 0.5)
