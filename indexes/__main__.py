@@ -1,0 +1,7 @@
+"""``python -m indexes``: see :mod:`indexes.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
