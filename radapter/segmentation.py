@@ -123,7 +123,7 @@ def _normalise(model: nn.Module, image: np.ndarray) -> torch.Tensor:
     cfg = getattr(model.visual, "preprocess_cfg", {})
     mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))[:, None, None]
     std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))[:, None, None]
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # a writable copy
     return (x - mean) / std
 
 

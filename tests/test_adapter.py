@@ -23,7 +23,7 @@ def test_full_and_low_rank_shapes_and_scale():
     low = Adapter(16, radapter.RAdapterConfig(rank=4))
     assert full.weight.shape == (16, 16) and not full.low_rank
     assert low.lora_A.shape == (4, 16) and low.lora_B.shape == (16, 4) and low.low_rank
-    assert float(full.scale) == pytest.approx(0.1) and float(low.scale) == pytest.approx(0.1)
+    assert full.scale.item() == pytest.approx(0.1) and low.scale.item() == pytest.approx(0.1)
     assert torch.count_nonzero(low.delta_matrix()) == 0
     # rank >= d is full rank (the authors' inverted test built full adapters for every rank)
     assert not Adapter(16, radapter.RAdapterConfig(rank=16)).low_rank
