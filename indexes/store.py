@@ -186,6 +186,18 @@ def _write_rows(dest: Path, rows: Sequence[dict[str, Any]], first_id: int) -> No
             f.write(json.dumps({"id": first_id + i, **row}, ensure_ascii=False) + "\n")
 
 
+def _embed_or_stop(embedder, work: Path, chunk_size: int, progress: bool, items, what: str, intact: str):
+    """:func:`_embed_all`, turning any failure into one line that says what is intact and how to resume."""
+    try:
+        return _embed_all(embedder, work, chunk_size, progress, items)
+    except IndexStoreError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise IndexBuildError(f"{what} stopped: {msg} ({intact}; re-run to resume from the chunks kept in {work})") \
+            from e
+
+
 def _embed_all(embedder: Embedder, work: Path, chunk: int, progress: bool,
                items: dict[str, tuple[Sequence[Any], Sequence[str]]]
                ) -> tuple[dict[str, list[Path]], dict[str, int], dict[str, int]]:
@@ -244,14 +256,8 @@ def build_index(
         _prepare_work(work, {"key": key.model.to_json(), "chunk": chunk_size})
         items = {p: (collection.images if p == "image" else collection.texts, collection.digests(p))
                  for p in collection.parts}
-        try:
-            files, embedded, reused = _embed_all(embedder, work, chunk_size, progress, items)
-        except IndexStoreError:
-            raise
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise IndexBuildError(f"build of {out} stopped: {msg} (the previous index is intact; "
-                                  f"re-run to resume from the chunks kept in {work})") from e
+        files, embedded, reused = _embed_or_stop(embedder, work, chunk_size, progress, items,
+                                                 f"build of {out}", "the previous index is intact")
         dim = _dim(files)
         parts: dict[str, Any] = {}
         with atomic_dir(out) as tmp:
@@ -473,14 +479,8 @@ def add_to_index(
         items = {p: (collection.subset(p, new[p])[0], [digests[p][j] for j in new[p]]) for p in PARTS if new[p]}
         work = _work_dir(out)
         _prepare_work(work, {"key": old["key"], "chunk": chunk_size})
-        try:
-            files, embedded, reused = _embed_all(embedder, work, chunk_size, progress, items)
-        except IndexStoreError:
-            raise
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise IndexBuildError(f"adding to {out} stopped: {msg} (the index is intact; "
-                                  f"re-run to resume from the chunks kept in {work})") from e
+        files, embedded, reused = _embed_or_stop(embedder, work, chunk_size, progress, items,
+                                                 f"adding to {out}", "the index is intact")
         dim = _dim(files)
         if dim != old["dim"]:
             raise IndexBuildError(f"new embeddings are {dim}-d, the index is {old['dim']}-d")
