@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         args.func(args)
-    except RAdapterError as e:
+    except (RAdapterError, ValueError) as e:  # bad names, files or options: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,7 @@ from .data import formats
 from .data.benchmark_spec import BenchmarkSpec
 from .data.sets import ClassificationSet
 from .errors import RAdapterError
-from .zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+from .zero_shot import read_templates
 
 SET_KINDS = ("folder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "objectnet")
 
@@ -48,20 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="with --sweep: write the accuracy-vs-alpha PNG here")
 
 
-def _templates(arg: str) -> tuple[str, ...]:
-    if arg == "openai":
-        return OPENAI_TEMPLATES
-    if arg == "simple":
-        return SIMPLE_TEMPLATES
-    path = Path(arg)
-    if not path.is_file():
-        raise RAdapterError(f"--templates: {arg!r} is not 'openai', 'simple' or a file")
-    lines = tuple(ln.strip() for ln in path.read_text().splitlines() if ln.strip())
-    if not lines or not all("{}" in t for t in lines):
-        raise RAdapterError(f"{path}: every template needs a '{{}}' for the class name")
-    return lines
-
-
 def _user_set(spec: str, name: str, classnames: str | None, folders: list[str] | None = None) -> ClassificationSet:
     kind, sep, path = spec.partition(":")
     if not sep or kind not in SET_KINDS:
@@ -84,7 +70,7 @@ def _user_benchmark(args: argparse.Namespace) -> bm.Benchmark:
         ood[name] = _user_set(spec, name, args.classnames, folders)
     spec = BenchmarkSpec(name="user", task="classification", description="user data",
                          classnames=tuple(test.classnames), prompt_names=tuple(test.classnames),
-                         templates=_templates(args.templates))
+                         templates=read_templates(args.templates))
     return bm.Benchmark(spec=spec, test=test, ood=ood)
 
 

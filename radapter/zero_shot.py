@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,21 @@ Template = str | Callable[[str], str]
 OPENAI_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 #: One plain template, e.g. DRM's default head.
 SIMPLE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def read_templates(arg: str) -> tuple[str, ...]:
+    """``"openai"`` (the 80 ImageNet prompts), ``"simple"``, or a file with one template per line."""
+    if arg == "openai":
+        return OPENAI_TEMPLATES
+    if arg == "simple":
+        return SIMPLE_TEMPLATES
+    path = Path(arg)
+    if not path.is_file():
+        raise ValueError(f"templates: {arg!r} is not 'openai', 'simple' or a file")
+    lines = tuple(ln.strip() for ln in path.read_text().splitlines() if ln.strip())
+    if not lines or not all("{}" in t for t in lines):
+        raise ValueError(f"{path}: give one template per line, each with a '{{}}' for the class name")
+    return lines
 
 
 def render(template: Template, classname: str) -> str:

@@ -46,3 +46,17 @@ def test_head_keeps_training_mode(tiny):
     model.train()
     radapter.zero_shot_classifier(model, tok, ["cat"], ["{}"])
     assert model.training
+
+
+def test_read_templates(tmp_path):
+    from radapter.zero_shot import read_templates
+
+    assert read_templates("openai") == radapter.OPENAI_TEMPLATES
+    assert read_templates("simple") == radapter.SIMPLE_TEMPLATES
+    (tmp_path / "t.txt").write_text("a {}.\n\nan image of {}\n")
+    assert read_templates(str(tmp_path / "t.txt")) == ("a {}.", "an image of {}")
+    (tmp_path / "bad.txt").write_text("no placeholder\n")
+    with pytest.raises(ValueError, match="one template per line"):
+        read_templates(str(tmp_path / "bad.txt"))
+    with pytest.raises(ValueError, match="not 'openai'"):
+        read_templates(str(tmp_path / "missing.txt"))

@@ -19,7 +19,7 @@ from radapter.data.benchmark_spec import BenchmarkSpec
 from radapter.data.benchmarks import Benchmark, load_benchmark
 from radapter.data.sets import ClassificationSet, ImageDataset, ImageSource, RetrievalSet
 from radapter.errors import RAdapterError
-from radapter.zero_shot import render
+from radapter.zero_shot import read_templates, render
 
 from .config import TrainConfig
 
@@ -94,15 +94,8 @@ def _limit(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 def _templates(cfg: TrainConfig, spec: BenchmarkSpec | None) -> tuple[str, ...]:
     if cfg.templates:
-        lines = tuple(ln.strip() for ln in Path(cfg.templates).read_text().splitlines() if ln.strip())
-        if not lines:
-            raise RAdapterError(f"{cfg.templates} has no templates")
-        return lines
-    if spec and spec.templates:
-        return spec.templates
-    from radapter.zero_shot import OPENAI_TEMPLATES
-
-    return OPENAI_TEMPLATES
+        return read_templates(cfg.templates)
+    return spec.templates if spec and spec.templates else read_templates("openai")
 
 
 def base_novel_split(n_classes: int) -> tuple[list[int], list[int]]:
