@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 import radapter
-from indexes import Collection, Embedder, GridJob, get_or_build, nearest_alpha_index, start_alpha_grid
-from indexes.keys import ModelKey, file_sha256
+from indexes import Collection, Embedder, GridJob, IndexCache, get_or_build, start_alpha_grid
+from indexes.keys import file_sha256
 
 from .service import NO_ADAPTER, InputError, ModelService
 
@@ -77,19 +77,20 @@ class RetrievalService:
             return f"index build failed: {job.error}"
         return "indexes ready" if job.done else f"building indexes: {len(job.built)}/{len(job.alphas)} alphas done"
 
-    def _model_key(self, adapter: str | None) -> ModelKey:
+    def _identity(self, adapter: str | None) -> tuple[str, str | None]:
+        """(base-model fingerprint, adapter file hash) that the adapter's indexes are keyed by."""
         if adapter in (None, NO_ADAPTER):
             if NO_ADAPTER not in self._sha:
                 self._sha[NO_ADAPTER] = radapter.compute_fingerprint(self.service.base_model)
-            return ModelKey(self._sha[NO_ADAPTER], None, None)
-        return ModelKey(self.service.base_fingerprint(adapter), self._adapter_sha(adapter), None)
+            return self._sha[NO_ADAPTER], None
+        return self.service.base_fingerprint(adapter), self._adapter_sha(adapter)
 
     def search(self, query: Any, mode: str, adapter: str | None, alpha: float, k: int = 8) -> Answer:
         """``mode``: text->image, image->image or image->text."""
         self.warm(adapter)
         no_adapter = adapter in (None, NO_ADAPTER)
-        found = nearest_alpha_index(self.cache_dir, self._model_key(adapter), self.collection.hash(),
-                                    None if no_adapter else alpha)
+        found = IndexCache(self.cache_dir).nearest(*self._identity(adapter), self.collection.hash(),
+                                                   None if no_adapter else alpha)
         if found is None:
             raise InputError(f"The retrieval index is still being built ({self.status(adapter)}); try again shortly.")
         index_alpha = found.alpha

@@ -101,3 +101,27 @@ def test_gradio_app_end_to_end(service, tmp_path):
             client.predict(handle_file(str(tmp_path / "bad.png")), "a", "colours", 0.3, 0.5, api_name="/classify")
     finally:
         demo.close()
+
+
+def test_retrieval_answers_from_the_nearest_alpha_index(service, tmp_path):
+    from PIL import Image
+
+    from app.retrieval import RetrievalService
+    from indexes.collection import from_folder
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    retrieval = RetrievalService(service, from_folder(tmp_path), tmp_path / "indexes", alphas=[0.0, 0.5, 1.0])
+    retrieval.warm("colours")
+    assert retrieval._jobs["colours"].wait(timeout=120)
+    assert retrieval.status("colours") == "indexes ready"
+    ans = retrieval.search("a red square", "text->image", "colours", 0.4)
+    assert ans.index_alpha == 0.5 and "alpha = 0.5" in ans.message and "nearest" in ans.message
+    assert len(ans.items) == 6
+    exact = retrieval.search(IMAGE, "image->image", "colours", 1.0)
+    assert exact.index_alpha == 1.0 and "nearest" not in exact.message
+    retrieval.warm(NO_ADAPTER)  # the zero-shot model has one index, built in the background
+    assert retrieval._jobs[NO_ADAPTER].wait(timeout=120)
+    base = retrieval.search("a red square", "text->image", NO_ADAPTER, 0.7)
+    assert base.index_alpha is None and len(base.items) == 6 and "zero-shot" in base.message
