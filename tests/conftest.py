@@ -30,3 +30,27 @@ def randomize_adapters(model, std: float = 0.05, seed: int = 1) -> None:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
             a.scale.fill_(0.7)
             a.update_ema(0.0)
+
+
+def encode_both(model, images, tokens) -> torch.Tensor:
+    """Image and text embeddings of a model, flattened into one vector (for exact comparisons)."""
+    with torch.no_grad():
+        return torch.cat([model.encode_image(images).flatten(), model.encode_text(tokens).flatten()])
+
+
+def relative_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def adapt_with_reference(model, images, tokens, rank):
+    """Record the pretrained outputs and weights, then add randomised adapters of ``rank``.
+
+    The reference is taken with frozen weights, as in the adapted model: frozen weights select
+    nn.MultiheadAttention's fused kernel, about 1e-6 apart from the other one.
+    """
+    model.requires_grad_(False)
+    base = encode_both(model, images, tokens)
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    radapter.add_adapters(model, radapter.RAdapterConfig(rank=rank))
+    randomize_adapters(model)
+    return base, base_weights

@@ -4,7 +4,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import radapter
 from radapter.adapter import Adapter
-from tests.conftest import randomize_adapters
+from tests.conftest import adapt_with_reference, encode_both, randomize_adapters, relative_max_diff
 
 
 def _inputs(tok):
@@ -12,26 +12,15 @@ def _inputs(tok):
     return torch.randn(4, 3, 32, 32), tok(["a red square", "a photo of a dog", "x", "a blue circle"])
 
 
-def _encode(model, x, t):
-    with torch.no_grad():
-        return torch.cat([model.encode_image(x), model.encode_text(t)], dim=1)
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
+_encode = encode_both
+_rel = relative_max_diff
 
 
 @pytest.fixture(params=[None, 4], ids=["full-rank", "rank-4"])
 def adapted(request, tiny):
     model, _, tok = tiny
-    # The reference pretrained outputs are taken with frozen weights, as in the adapted model
-    # (frozen weights select nn.MultiheadAttention's fused kernel, ~1e-6 apart from the other).
-    model.requires_grad_(False)
     x, t = _inputs(tok)
-    base = _encode(model, x, t)
-    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    radapter.add_adapters(model, radapter.RAdapterConfig(rank=request.param))
-    randomize_adapters(model)
+    base, base_weights = adapt_with_reference(model, x, t, request.param)
     return model, x, t, base, base_weights
 
 

@@ -12,7 +12,7 @@ import radapter
 from radapter.models import DEFAULT_MODEL
 from radapter.offline_model import build
 from radapter.placement import resolve_sites
-from tests.conftest import randomize_adapters
+from tests.conftest import adapt_with_reference, encode_both, randomize_adapters, relative_max_diff
 
 PROMPTS = ["a photo of a cat.", "a cup of coffee", "a rocket on the launch pad", "x"]
 
@@ -35,13 +35,8 @@ def photos(built):
                         for n in ("chelsea", "coffee", "rocket")])
 
 
-def _encode(model, images, tokens):
-    with torch.no_grad():
-        return torch.cat([model.encode_image(images), model.encode_text(tokens)])
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
+_encode = encode_both
+_rel = relative_max_diff
 
 
 def test_default_model_loads_with_preprocess_and_tokenizer(built, photos):
@@ -118,14 +113,9 @@ def small_photos(photos):
 @pytest.fixture(params=[None, 8], ids=["full-rank", "rank-8"])
 def adapted(request, fresh, small_photos):
     model, _, tok = fresh
-    model.requires_grad_(False)
     tokens = tok(PROMPTS)
-    photos = small_photos
-    base = _encode(model, photos, tokens)
-    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    radapter.add_adapters(model, radapter.RAdapterConfig(rank=request.param))
-    randomize_adapters(model)
-    return model, photos, tokens, base, base_weights
+    base, base_weights = adapt_with_reference(model, small_photos, tokens, request.param)
+    return model, small_photos, tokens, base, base_weights
 
 
 def test_alpha_zero_reproduces_the_model(adapted):
