@@ -1,25 +1,29 @@
 """The app's model service: one model per adapter, merged at each request's own alpha under a lock.
 
 Every request names its alpha; the model is re-merged to that alpha (a memory-bound add
-from precomputed deltas, a few milliseconds) and used while the lock is held, so two users
-at different alphas never see each other's weights.
+from precomputed deltas) and used while the lock is held, so two users at different alphas
+never see each other's weights. A classification re-merges only the image tower
+(``slots.Slot.merge_image``) and takes its class head from a cache keyed by the exact
+alpha, which a background warmer fills at every slider alpha (``heads``); results are
+cached per (adapter, alpha, input, class list), so the zero-shot and fine-tuned columns
+are not recomputed when only the alpha moves.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -27,7 +31,10 @@ import radapter
 from radapter.checkpoint import adapter_file_info
 from radapter.drm import DRMHead
 from radapter.segmentation import Segmentation, segment
-from radapter.zero_shot import ZeroShotHead
+from radapter.zero_shot import ZeroShotHead, render
+
+from .heads import LRU, HeadSpec, HeadWarmer
+from .slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ NO_ADAPTER = "none (zero-shot model)"
 MAX_CLASSES = 100
 MAX_CLASS_NAME = 80
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an emoji of a {}.", "a product photo of a {}.")
+# Prompts per text-tower forward when building a head: short enough that a user request
+# waiting on the slot lock behind the warmer waits for one batch (~0.1 s), not a whole head.
+TEXT_BATCH = 64
 
 
 class InputError(ValueError):
@@ -111,34 +121,41 @@ def as_rgb_array(image: Any, max_side: int = 1024) -> np.ndarray:
     return np.asarray(img)
 
 
-@dataclass
-class _Slot:
-    """One model copy (base or base + one adapter) and the lock that guards its alpha."""
+Head = ZeroShotHead | DRMHead
 
-    model: nn.Module
-    entry: AdapterEntry | None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+@dataclass(frozen=True)
+class _Input:
+    """A preprocessed image and a digest of exactly what the model sees (the result-cache key)."""
+
+    x: torch.Tensor
+    digest: str
 
 
 class ModelService:
     """Holds the base model, the configured adapters, and answers requests at any alpha."""
 
     def __init__(self, model: nn.Module, preprocess, tokenizer, adapters: dict[str, AdapterEntry],
-                 model_name: str = "default", head_cache_size: int = 64) -> None:
+                 model_name: str = "default", head_cache_size: int = 512, result_cache_size: int = 512,
+                 warm_heads: bool = True) -> None:
         self.preprocess, self.tokenizer, self.model_name = preprocess, tokenizer, model_name
         self.adapters = adapters
         self._base = model.eval()
-        self._slots: dict[str, _Slot] = {NO_ADAPTER: _Slot(self._base, None)}
+        self._slots: dict[str, Slot] = {NO_ADAPTER: Slot(self._base, None)}
         self._slots_lock = threading.Lock()
-        self._heads: OrderedDict[tuple, ZeroShotHead] = OrderedDict()
-        self._heads_lock = threading.Lock()
-        self._head_cache_size = head_cache_size
+        # A head is a few KB per class; 512 cover the 21 slider alphas of ~12 class lists per adapter.
+        self._heads: LRU[Head] = LRU(head_cache_size)
+        self._tokens: LRU[torch.Tensor] = LRU(64)
+        self._results: LRU[dict[str, float]] = LRU(result_cache_size)
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._warmer = HeadWarmer(self._warm_one, lambda: self._active > 0) if warm_heads else None
 
     @classmethod
     def from_config(cls, model: str | None = None, pretrained: str | None = None,
-                    adapter_dir: str | Path | None = "adapters") -> ModelService:
+                    adapter_dir: str | Path | None = "adapters", **kwargs: Any) -> ModelService:
         loaded = radapter.load_model(model, pretrained=pretrained) if model else radapter.load_model()
-        return cls(*loaded, adapters=discover_adapters(adapter_dir), model_name=model or "default")
+        return cls(*loaded, adapters=discover_adapters(adapter_dir), model_name=model or "default", **kwargs)
 
     @property
     def base_model(self) -> nn.Module:
@@ -151,72 +168,155 @@ class ModelService:
     def adapter_names(self) -> list[str]:
         return [*self.adapters, NO_ADAPTER]
 
-    def _slot(self, adapter: str | None) -> _Slot:
+    def _slot(self, adapter: str | None) -> Slot:
         name = adapter or NO_ADAPTER
         if name not in self._slots:
             if name not in self.adapters:
                 raise InputError(f"Unknown adapter {name!r}; choose one of {self.adapter_names()}.")
             with self._slots_lock:
                 if name not in self._slots:
-                    model = copy.deepcopy(self._base)
-                    radapter.load_adapters(model, self.adapters[name].path)
-                    radapter.merge_adapters(model, self.adapters[name].default_alpha)
-                    self._slots[name] = _Slot(model, self.adapters[name])
+                    self._slots[name] = Slot.with_adapter(self._base, self.adapters[name])
         return self._slots[name]
 
     @contextmanager
+    def _user_request(self) -> Iterator[None]:
+        """Mark a user request as running: the head warmer steps aside until none is."""
+        with self._active_lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    @contextmanager
     def at_alpha(self, adapter: str | None, alpha: float) -> Iterator[nn.Module]:
-        """The model of ``adapter`` merged at ``alpha``, exclusively for the duration of the block."""
+        """The model of ``adapter`` merged at ``alpha`` (both towers), exclusively for the duration of the block."""
         slot = self._slot(adapter)
         with slot.lock:
-            if slot.entry is not None:
-                radapter.merge_adapters(slot.model, alpha)
+            slot.merge(alpha)
             yield slot.model
 
-    def _head(self, model: nn.Module, key: tuple, classnames: list[str], templates: Sequence[str],
-              drm: dict | None, beta: float):
-        with self._heads_lock:
-            if key in self._heads:
-                self._heads.move_to_end(key)
-                return self._heads[key]
-        if drm and all(c in drm.get("classnames", []) for c in classnames):
+    # ------------------------------------------------------------------ heads
+    def _spec(self, slot: Slot, classnames: Sequence[str], templates: Sequence[str], beta: float) -> HeadSpec:
+        drm = slot.entry.drm if slot.entry else None
+        use_drm = bool(drm) and all(c in drm.get("classnames", []) for c in classnames)
+        return HeadSpec(tuple(classnames), tuple(templates), float(beta) if use_drm else None)
+
+    def _prompt_tokens(self, spec: HeadSpec) -> torch.Tensor:
+        """Tokenised prompts (class-major), cached: the same for every alpha."""
+        tokens = self._tokens.get(spec)
+        if tokens is None:
+            tokens = self.tokenizer([render(t, c) for c in spec.classnames for t in spec.templates])
+            self._tokens.put(spec, tokens)
+        return tokens
+
+    @torch.no_grad()
+    def _build_head(self, slot: Slot, alpha: float | None, spec: HeadSpec,
+                    should_stop: Callable[[], bool] | None = None) -> Head | None:
+        """The head of ``slot``'s text tower merged at exactly ``alpha``; ``None`` if stopped early.
+
+        The same batches whoever builds it (a request or the warmer), so the same numbers.
+        """
+        if spec.beta is not None:
+            drm = slot.entry.drm
             desc = dict(zip(drm["classnames"], drm["descriptions"], strict=True))
-            head = DRMHead(model, self.tokenizer, classnames, [desc[c] for c in classnames],
-                           default_template=drm.get("default_template", "a photo of a {}."), beta=beta)
-        else:
-            head = radapter.zero_shot_classifier(model, self.tokenizer, classnames, templates)
-        with self._heads_lock:
-            self._heads[key] = head
-            while len(self._heads) > self._head_cache_size:
-                self._heads.popitem(last=False)
+            with slot.lock:
+                slot.merge_text(alpha)
+                return DRMHead(slot.model, self.tokenizer, list(spec.classnames),
+                               [desc[c] for c in spec.classnames],
+                               default_template=drm.get("default_template", "a photo of a {}."), beta=spec.beta)
+        tokens = self._prompt_tokens(spec)
+        parts = []
+        for start in range(0, len(tokens), TEXT_BATCH):
+            if should_stop is not None and should_stop():
+                return None
+            with slot.lock:  # released between batches so a user request never waits for a whole head
+                slot.merge_text(alpha)
+                device = next(slot.model.parameters()).device
+                parts.append(slot.model.encode_text(tokens[start:start + TEXT_BATCH].to(device),
+                                                    normalize=True).float())
+        # As radapter.zero_shot_classifier: per class, the normalised mean of its normalised prompts.
+        emb = torch.cat(parts).view(len(spec.classnames), len(spec.templates), -1)
+        scale = getattr(slot.model, "logit_scale", None)
+        return ZeroShotHead(F.normalize(emb.mean(1), dim=-1), spec.classnames,
+                            float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0)
+
+    def _head(self, name: str, slot: Slot, alpha: float | None, spec: HeadSpec) -> Head:
+        key = (name, alpha, spec)
+        head = self._heads.get(key)
+        if head is None:
+            head = self._build_head(slot, alpha, spec)
+            self._heads.put(key, head)
         return head
 
+    def _warm_one(self, name: str, alpha: float, spec: HeadSpec, should_stop: Callable[[], bool]) -> None:
+        key = (name, alpha, spec)
+        if key in self._heads:
+            return
+        head = self._build_head(self._slot(name), alpha, spec, lambda: should_stop() or key in self._heads)
+        if head is not None:
+            self._heads.put(key, head)
+
+    def wait_for_heads(self, timeout: float | None = None) -> bool:
+        """Wait until the head warmer is idle (for tests and benchmarks); ``False`` on timeout."""
+        return self._warmer is None or self._warmer.wait_idle(timeout)
+
+    def clear_caches(self) -> None:
+        """Forget cached heads, tokens and results (the models and their merges stay)."""
+        self.wait_for_heads()
+        for cache in (self._heads, self._tokens, self._results):
+            cache.clear()
+
+    # ------------------------------------------------------------------ requests
+    def _input(self, image: np.ndarray) -> _Input:
+        x = self.preprocess(Image.fromarray(image)).unsqueeze(0).contiguous()
+        return _Input(x, hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest())
+
     @torch.no_grad()  # not inference_mode: adapter tensors made under it could not be tracked by the merge cache
+    def _probabilities(self, inp: _Input, classnames: list[str], adapter: str | None, alpha: float,
+                       templates: Sequence[str], beta: float) -> dict[str, float]:
+        name = adapter or NO_ADAPTER
+        slot = self._slot(name)
+        alpha_used = alpha if slot.entry is not None else None  # the base model has no alpha
+        spec = self._spec(slot, classnames, templates, beta)
+        key = (name, alpha_used, inp.digest, spec)
+        cached = self._results.get(key)
+        if cached is not None:
+            return dict(cached)
+        head = self._head(name, slot, alpha_used, spec)
+        with slot.lock:
+            slot.merge_image(alpha_used)  # the text side is the head, built at this same alpha
+            feats = slot.model.encode_image(inp.x.to(next(slot.model.parameters()).device))
+        probs = torch.softmax(head(feats).float(), dim=1)[0].cpu()
+        result = {c: float(p) for c, p in zip(classnames, probs, strict=True)}
+        self._results.put(key, result)
+        return dict(result)
+
     def probabilities(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float, *,
                       templates: Sequence[str] = DEFAULT_TEMPLATES, beta: float = 0.5) -> dict[str, float]:
         """Class probabilities of ``image`` from ``adapter`` merged at ``alpha``."""
-        x = self.preprocess(Image.fromarray(image)).unsqueeze(0)
-        entry = self.adapters.get(adapter) if adapter else None
-        drm = entry.drm if entry else None
-        with self.at_alpha(adapter, alpha) as model:
-            key = (adapter or NO_ADAPTER, alpha if entry else None, tuple(classnames), tuple(templates),
-                   beta if drm else None)
-            head = self._head(model, key, classnames, templates, drm, beta)
-            feats = model.encode_image(x.to(next(model.parameters()).device))
-            probs = torch.softmax(head(feats).float(), dim=1)[0].cpu()
-        return {c: float(p) for c, p in zip(classnames, probs, strict=True)}
+        with self._user_request():
+            return self._probabilities(self._input(image), classnames, adapter, alpha, templates, beta)
 
-    def compare(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float,
-                **kw: Any) -> dict[str, dict[str, float]]:
-        """Zero-shot (alpha 0), fine-tuned (alpha 1) and merged-at-alpha predictions side by side."""
-        if not adapter or adapter == NO_ADAPTER:
-            zs = self.probabilities(image, classnames, None, 0.0, **kw)
-            return {"zero-shot": zs, "fine-tuned": zs, "merged": zs}
-        return {"zero-shot": self.probabilities(image, classnames, adapter, 0.0, **kw),
-                "fine-tuned": self.probabilities(image, classnames, adapter, 1.0, **kw),
-                "merged": self.probabilities(image, classnames, adapter, alpha, **kw)}
+    def compare(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float, *,
+                templates: Sequence[str] = DEFAULT_TEMPLATES, beta: float = 0.5) -> dict[str, dict[str, float]]:
+        """Zero-shot (alpha 0), fine-tuned (alpha 1) and merged-at-alpha predictions side by side.
+
+        After it answers, the warmer builds this class list's heads at the other slider alphas.
+        """
+        with self._user_request():
+            inp = self._input(image)
+            if not adapter or adapter == NO_ADAPTER:
+                zs = self._probabilities(inp, classnames, None, 0.0, templates, beta)
+                return {"zero-shot": zs, "fine-tuned": zs, "merged": zs}
+            res = {label: self._probabilities(inp, classnames, adapter, a, templates, beta)
+                   for label, a in (("zero-shot", 0.0), ("fine-tuned", 1.0), ("merged", alpha))}
+        if self._warmer is not None:
+            self._warmer.request(adapter, self._spec(self._slot(adapter), classnames, templates, beta), alpha)
+        return res
 
     def segment(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float,
                 **kw: Any) -> Segmentation:
-        with self.at_alpha(adapter, alpha) as model:
+        with self._user_request(), self.at_alpha(adapter, alpha) as model:
             return segment(model, self.tokenizer, image, classnames, **kw)

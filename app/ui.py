@@ -21,6 +21,7 @@ from radapter.errors import RAdapterError
 from radapter.evaluation import plot_alpha_sweep
 
 from .examples import Examples
+from .heads import ALPHA_STEP
 from .retrieval import RetrievalService
 from .service import InputError, ModelService, as_rgb_array, check_alpha, parse_classnames
 from .shift import CORRUPTIONS, apply_corruption
@@ -112,19 +113,27 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                              "python -m radapter.data.prepare emoji")
         return pair[0], pair[1]
 
+    plots: dict[tuple[str, float], str] = {}
+    plot_dir = Path(tempfile.mkdtemp(prefix="radapter-plots-"))  # per process: another server's sweep may differ
+
     def plot(adapter: str, alpha: float):
+        """The adapter's accuracy-vs-alpha curve with ``alpha`` marked (rendered once per alpha)."""
         entry = service.adapters.get(adapter)
         if entry is None or not entry.sweep:
             return None
-        out = Path(tempfile.gettempdir()) / f"radapter-sweep-{adapter}-{alpha:.2f}.png"
-        return str(plot_alpha_sweep(entry.sweep, out, current_alpha=alpha))
+        key = (adapter, round(float(alpha), 4))
+        if key not in plots:
+            plots[key] = str(plot_alpha_sweep(entry.sweep, plot_dir / f"{adapter}-{key[1]:.4f}.png",
+                                              current_alpha=key[1]))
+        return plots[key]
 
     with gr.Blocks(title="radapter: robust fine-tuning, inspected") as demo:
         gr.Markdown(f"# radapter\nModel: **{service.model_name}** - zero-shot vs fine-tuned vs merged at alpha. "
                     "Move the alpha slider and release it: every next result uses the new alpha.")
         with gr.Row():
             adapter = gr.Dropdown(adapters, value=first, label="Adapter (server-side files)")
-            alpha = gr.Slider(0.0, 1.0, value=first_alpha, step=0.05, label="alpha (0 = zero-shot, 1 = fine-tuned)")
+            alpha = gr.Slider(0.0, 1.0, value=first_alpha, step=ALPHA_STEP,
+                              label="alpha (0 = zero-shot, 1 = fine-tuned)")
             beta = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="DRM beta (DRM adapters only)")
         info = gr.Markdown(adapter_info(first))
 
@@ -197,13 +206,20 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                        [o_shifted, o_zs, o_ft, o_merged, o_note], api_name="inspect")
         o_pair.click(emoji_pair, o_emoji, [o_google, o_twitter], api_name="emoji_pair")
 
+        @friendly
         def on_release(image, classes, adapter_name, a, b):
-            """Re-merge at the released alpha and refresh the classification (if there is an input)."""
-            if image is None:
-                return gr.skip(), gr.skip(), gr.skip(), f"alpha used: **{a:g}**", plot(adapter_name, a)
-            return (*classify(image, classes, adapter_name, a, b), plot(adapter_name, a))
+            """Refresh the classification at the released alpha (if there is an input).
 
-        alpha.release(on_release, c_args, [*c_outs, o_plot], api_name="set_alpha")
+            Only the merged column moves with alpha; the other two come from the result cache
+            when the image and classes are the ones already classified.
+            """
+            if image is None:
+                return gr.skip(), gr.skip(), gr.skip(), f"alpha used: **{check_alpha(a):g}**"
+            return classify(image, classes, adapter_name, a, b)
+
+        # The plot follows as a second step, so the classification is shown without waiting for it.
+        alpha.release(on_release, c_args, c_outs, api_name="set_alpha").then(
+            plot, [adapter, alpha], o_plot, api_name=False, show_progress="hidden")
 
         def on_adapter(name: str):
             if retrieval is not None:

@@ -1,12 +1,23 @@
+import copy
 import os
 import threading
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import radapter
-from app.service import NO_ADAPTER, InputError, ModelService, as_rgb_array, discover_adapters, parse_classnames
+from app.heads import ALPHA_GRID
+from app.service import (
+    DEFAULT_TEMPLATES,
+    NO_ADAPTER,
+    InputError,
+    ModelService,
+    as_rgb_array,
+    discover_adapters,
+    parse_classnames,
+)
 from tests.conftest import randomize_adapters
 
 
@@ -46,6 +57,8 @@ def test_compare_zero_shot_fine_tuned_merged(service):
 def test_concurrent_users_at_different_alphas_get_their_own_results(service):
     alphas = [0.0, 0.3, 0.7, 1.0] * 4
     sequential = {a: service.probabilities(IMAGE, CLASSES, "colours", a) for a in set(alphas)}
+    service.clear_caches()  # the concurrent requests must compute, not read the sequential results
+    service.compare(IMAGE, ["sun", "moon"], "colours", 0.5)  # the head warmer now runs alongside the users
     results: list[tuple[float, dict]] = []
 
     def user(a: float) -> None:
@@ -59,6 +72,60 @@ def test_concurrent_users_at_different_alphas_get_their_own_results(service):
     assert len(results) == len(alphas)
     for a, probs in results:
         assert probs == pytest.approx(sequential[a], abs=1e-6)
+
+
+def _reference_probabilities(service, alpha: float) -> dict[str, float]:
+    """The library's own path: a fresh copy merged at alpha with merge_adapters, zero_shot_classifier."""
+    model = copy.deepcopy(service.base_model)
+    radapter.load_adapters(model, service.adapters["colours"].path)
+    radapter.merge_adapters(model, alpha)
+    head = radapter.zero_shot_classifier(model, service.tokenizer, CLASSES, DEFAULT_TEMPLATES)
+    with torch.no_grad():
+        x = service.preprocess(Image.fromarray(IMAGE)).unsqueeze(0)
+        probs = torch.softmax(head(model.eval().encode_image(x)), dim=1)[0]
+    return dict(zip(CLASSES, probs.tolist(), strict=True))
+
+
+def test_image_tower_fast_merge_writes_the_same_bits_as_merge_adapters(service):
+    slot = service._slot("colours")
+    assert slot.image_plan, "the fast path should be on for the tiny ViT"
+    reference = copy.deepcopy(service.base_model)
+    radapter.load_adapters(reference, service.adapters["colours"].path)
+    for alpha in (0.35, 0.8, 0.0):
+        radapter.merge_adapters(reference, alpha)
+        with slot.lock:
+            slot.merge(0.1)  # both towers elsewhere
+            slot.merge_image(alpha)  # then the image tower alone
+            live = slot.model.visual.state_dict()
+        for name, tensor in reference.visual.state_dict().items():
+            assert torch.equal(live[name], tensor), (alpha, name)
+
+
+def test_slider_release_uses_heads_warmed_at_exactly_its_alpha(service, monkeypatch):
+    service.compare(IMAGE, CLASSES, "colours", 0.4)
+    assert service.wait_for_heads(timeout=60)
+    slot = service._slot("colours")
+    assert {a for (name, a, _) in service._heads._items if name == "colours"} == set(ALPHA_GRID)
+
+    def no_text(*args, **kwargs):
+        raise AssertionError("a slider release must not run the text tower once its head is warm")
+
+    monkeypatch.setattr(slot.model, "encode_text", no_text)
+    for alpha in (0.65, 0.05):
+        res = service.compare(IMAGE, CLASSES, "colours", alpha)  # what the release handler calls
+        assert res["merged"] == pytest.approx(_reference_probabilities(service, alpha), abs=1e-5)
+    assert res["zero-shot"] == pytest.approx(_reference_probabilities(service, 0.0), abs=1e-5)
+    assert res["fine-tuned"] == pytest.approx(_reference_probabilities(service, 1.0), abs=1e-5)
+
+
+def test_heads_built_on_demand_equal_warmed_ones(service, tmp_path):
+    service.compare(IMAGE, CLASSES, "colours", 0.4)
+    assert service.wait_for_heads(timeout=60)
+    cold = ModelService(service.base_model, service.preprocess, service.tokenizer, service.adapters,
+                        warm_heads=False)
+    for alpha in (0.25, 0.9):  # warmed in the background vs built by the request itself
+        assert cold.probabilities(IMAGE, CLASSES, "colours", alpha) == service.probabilities(
+            IMAGE, CLASSES, "colours", alpha)
 
 
 def test_bad_inputs_are_clear_messages():
@@ -77,7 +144,6 @@ def test_bad_inputs_are_clear_messages():
 def test_gradio_app_end_to_end(service, tmp_path):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from gradio_client import Client, handle_file
-    from PIL import Image
 
     from app.examples import Examples
     from app.ui import build_ui
@@ -94,6 +160,9 @@ def test_gradio_app_end_to_end(service, tmp_path):
         _, _, merged, note = client.predict(handle_file(str(tmp_path / "x.png")), "red square, blue star",
                                               "colours", 0.3, 0.5, api_name="/classify")
         assert "0.3" in note and {c["label"] for c in merged["confidences"]} == {"red square", "blue star"}
+        _, _, released, note = client.predict(handle_file(str(tmp_path / "x.png")), "red square, blue star",
+                                              "colours", 0.55, 0.5, api_name="/set_alpha")
+        assert "0.55" in note and released != merged  # the merged column moved with alpha
         with pytest.raises(Exception, match="at least one class"):
             client.predict(handle_file(str(tmp_path / "x.png")), " ", "colours", 0.3, 0.5, api_name="/classify")
         (tmp_path / "bad.png").write_bytes(b"not a png")
@@ -104,7 +173,6 @@ def test_gradio_app_end_to_end(service, tmp_path):
 
 
 def test_retrieval_answers_from_the_nearest_alpha_index(service, tmp_path):
-    from PIL import Image
 
     from app.retrieval import RetrievalService
     from indexes.collection import from_folder
