@@ -110,7 +110,7 @@ class RetrievalService:
                 items.append((hit.meta.get("caption", ""), f"{hit.score:.3f}"))
             else:
                 image = self.collection.images[hit.id]
-                caption = hit.meta.get("caption") or hit.meta.get("path", "")
+                caption = hit.meta.get("caption") or Path(hit.meta.get("path", "")).name  # not server paths
                 items.append((np.asarray(image) if not isinstance(image, str) else image,
                               f"{caption} ({hit.score:.3f})"))
         note = (f"answered from the index built at alpha = {index_alpha:g}" if index_alpha is not None

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 import radapter
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 NO_ADAPTER = "none (zero-shot model)"
 MAX_CLASSES = 100
 MAX_CLASS_NAME = 80
+NOT_AN_IMAGE = "That file is not an image, or it is corrupt."
+MAX_PIXELS = 50_000_000  # decoding more takes seconds and gigabytes; the UI keeps at most 1024 px a side anyway
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an emoji of a {}.", "a product photo of a {}.")
 # Prompts per text-tower forward when building a head: short enough that a user request
 # waiting on the slot lock behind the warmer waits for one batch (~0.1 s), not a whole head.
@@ -106,9 +109,12 @@ def check_alpha(alpha: float) -> float:
 
 
 def as_rgb_array(image: Any, max_side: int = 1024) -> np.ndarray:
-    """An (H, W, 3) uint8 array from what Gradio hands over, downscaled if huge."""
+    """An (H, W, 3) uint8 array from what Gradio hands over (a file path, an array or a PIL image),
+    downscaled if huge."""
     if image is None:
         raise InputError("Upload an image first (or pick an example).")
+    if isinstance(image, str | Path):
+        return _decoded(Path(image), max_side)
     if isinstance(image, np.ndarray):
         img = Image.fromarray(image.astype(np.uint8) if image.dtype != np.uint8 else image)
     elif isinstance(image, Image.Image):
@@ -119,6 +125,50 @@ def as_rgb_array(image: Any, max_side: int = 1024) -> np.ndarray:
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side))
     return np.asarray(img)
+
+
+# Decoded uploads by (path, size, mtime): a slider release re-sends the same file, and decoding a
+# large upload costs more than the forward it feeds. Gradio names uploads by content hash.
+_DECODED: LRU[np.ndarray] = LRU(16)
+
+
+def _decoded(path: Path, max_side: int) -> np.ndarray:
+    try:
+        st = path.stat()
+    except OSError:
+        raise InputError(NOT_AN_IMAGE) from None
+    key = (str(path), max_side, st.st_size, st.st_mtime_ns)
+    arr = _DECODED.get(key)
+    if arr is None:
+        arr = as_rgb_array(_open_image(path, max_side), max_side)
+        arr.flags.writeable = False  # shared between requests
+        _DECODED.put(key, arr)
+    return arr
+
+
+def _open_image(path: Path, max_side: int) -> Image.Image:
+    """Decode an uploaded file ourselves, so a corrupt or hostile one is a message, not a stack trace."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit answers it
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:  # a 5 MB PNG can still claim a billion pixels
+                    raise InputError(f"That image is {img.width}x{img.height} pixels; the limit is "
+                                     f"{MAX_PIXELS // 1_000_000} megapixels.")
+                img.draft("RGB", (max_side, max_side))  # JPEG: decode at about the size we keep
+                img.load()
+                try:
+                    img = ImageOps.exif_transpose(img)  # phone photos: upright, as the browser shows them
+                except Exception:  # a broken EXIF block is no reason to refuse the pixels
+                    log.debug("ignoring unreadable EXIF orientation in %s", path)
+                return img.convert("RGB")
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(f"That image has too many pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels.") \
+            from None
+    except (OSError, ValueError, SyntaxError):  # PIL's errors for unreadable, truncated or corrupt files
+        raise InputError(NOT_AN_IMAGE) from None
 
 
 Head = ZeroShotHead | DRMHead

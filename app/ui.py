@@ -23,7 +23,7 @@ from radapter.evaluation import plot_alpha_sweep
 from .examples import Examples
 from .heads import ALPHA_STEP
 from .retrieval import RetrievalService
-from .service import InputError, ModelService, as_rgb_array, check_alpha, parse_classnames
+from .service import NOT_AN_IMAGE, InputError, ModelService, as_rgb_array, check_alpha, parse_classnames
 from .shift import CORRUPTIONS, apply_corruption
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,31 @@ def friendly(fn: Callable) -> Callable:
             log.exception("handler %s failed", fn.__name__)
             raise gr.Error("Something went wrong on the server; the error is in the server log.") from None
     return wrapper
+
+
+def image_input(**kwargs: Any) -> gr.Image:
+    """An image input that hands its handler the uploaded file's path, undecoded.
+
+    ``gr.Image`` decodes uploads before the handler runs, so a corrupt file became a bare
+    "Error" in the UI and a stack trace in the log; ``as_rgb_array`` decodes it instead and
+    says what is wrong. An instance override, not a subclass: Gradio writes a ``.pyi`` stub
+    next to the source file of every Component subclass.
+    """
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload: Any) -> str | None:
+        if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+            return str(payload.path)  # a file Gradio has already accepted into its upload cache
+        try:
+            return gradio_preprocess(payload)  # base64 data (API clients): Gradio decodes it to a file
+        except gr.Error:
+            raise
+        except Exception:
+            raise gr.Error(NOT_AN_IMAGE) from None
+
+    image.preprocess = preprocess
+    return image
 
 
 def build_ui(service: ModelService, retrieval: RetrievalService | None, examples: Examples) -> gr.Blocks:
@@ -132,7 +157,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     "Move the alpha slider and release it: every next result uses the new alpha.")
         with gr.Row():
             adapter = gr.Dropdown(adapters, value=first, label="Adapter (server-side files)")
-            alpha = gr.Slider(0.0, 1.0, value=first_alpha, step=ALPHA_STEP,
+            alpha = gr.Slider(0.0, 1.0, value=first_alpha, step=ALPHA_STEP, elem_id="alpha",
                               label="alpha (0 = zero-shot, 1 = fine-tuned)")
             beta = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="DRM beta (DRM adapters only)")
         info = gr.Markdown(adapter_info(first))
@@ -140,45 +165,51 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
         with gr.Tab("Classify"):
             with gr.Row():
                 with gr.Column():
-                    c_image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"])
-                    c_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names (comma separated)")
+                    c_image = image_input(label="Image", sources=["upload", "clipboard"],
+                                       elem_id="classify-image")
+                    c_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names (comma separated)",
+                                           elem_id="classify-classes")
                     c_bench = gr.Dropdown(list(BENCHMARK_CLASSES), value=None, label="...or a benchmark's classes")
-                    c_button = gr.Button("Classify", variant="primary")
+                    c_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
                     gr.Examples(examples.classify_examples(), inputs=[c_image, c_classes])
                 with gr.Column():
-                    c_zs, c_ft, c_merged = (gr.Label(num_top_classes=5, label=t) for t in
-                                            ("zero-shot (alpha 0)", "fine-tuned (alpha 1)", "merged (your alpha)"))
-                    c_alpha = gr.Markdown()
+                    c_zs, c_ft, c_merged = (
+                        gr.Label(num_top_classes=5, label=f"{name} ({which})", elem_id=f"classify-{name}")
+                        for name, which in (("zero-shot", "alpha 0"), ("fine-tuned", "alpha 1"),
+                                            ("merged", "your alpha")))
+                    c_alpha = gr.Markdown(elem_id="classify-note")
         with gr.Tab("Retrieve"):
             r_status = gr.Markdown(retrieval.status(first) if retrieval else "Retrieval is off.")
             with gr.Row():
                 with gr.Column():
-                    r_query = gr.Textbox(label="Text query", value="a red heart")
-                    r_text_button = gr.Button("Search images", variant="primary")
-                    r_image = gr.Image(type="numpy", label="...or an image query")
+                    r_query = gr.Textbox(label="Text query", value="a red heart", elem_id="retrieve-query")
+                    r_text_button = gr.Button("Search images", variant="primary", elem_id="retrieve-text-button")
+                    r_image = image_input(label="...or an image query")
                     r_image_button = gr.Button("Search images and captions")
                 with gr.Column():
-                    r_gallery = gr.Gallery(label="Results", columns=4, height="auto")
+                    r_gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="retrieve-gallery")
                     r_texts = gr.Label(num_top_classes=8, label="Captions (image query)")
-                    r_note = gr.Markdown()
+                    r_note = gr.Markdown(elem_id="retrieve-note")
         with gr.Tab("Segment"):
             with gr.Row():
                 with gr.Column():
-                    s_image = gr.Image(type="numpy", label="Image")
-                    s_classes = gr.Textbox(label="Class names (comma separated)", value="cat, coffee cup")
-                    s_button = gr.Button("Segment", variant="primary")
+                    s_image = image_input(label="Image", elem_id="segment-image")
+                    s_classes = gr.Textbox(label="Class names (comma separated)", value="cat, coffee cup",
+                                           elem_id="segment-classes")
+                    s_button = gr.Button("Segment", variant="primary", elem_id="segment-button")
                     gr.Examples(examples.segment_examples(), inputs=[s_image, s_classes])
                 with gr.Column():
-                    s_out = gr.AnnotatedImage(label="Masks")
-                    s_note = gr.Markdown()
+                    s_out = gr.AnnotatedImage(label="Masks", elem_id="segment-masks")
+                    s_note = gr.Markdown(elem_id="segment-note")
         with gr.Tab("OOD inspection"):
             with gr.Row():
                 with gr.Column():
-                    o_image = gr.Image(type="numpy", label="Image")
-                    o_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names")
+                    o_image = image_input(label="Image", elem_id="ood-image")
+                    o_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names",
+                                           elem_id="ood-classes")
                     o_corruption = gr.Dropdown(CORRUPTIONS, value="gaussian_noise", label="Corruption")
                     o_severity = gr.Slider(1, 5, value=3, step=1, label="Severity")
-                    o_button = gr.Button("Shift and compare", variant="primary")
+                    o_button = gr.Button("Shift and compare", variant="primary", elem_id="ood-button")
                     gr.Examples(examples.classify_examples(), inputs=[o_image, o_classes])
                     with gr.Accordion("The other emoji style", open=False):
                         o_emoji = gr.Dropdown(examples.emoji_names(), label="Emoji (test split)")
@@ -187,12 +218,12 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                             o_google = gr.Image(label="Google (ID)", type="numpy")
                             o_twitter = gr.Image(label="Twitter (OOD)", type="numpy")
                 with gr.Column():
-                    o_shifted = gr.Image(label="Shifted input", type="numpy")
+                    o_shifted = gr.Image(label="Shifted input", type="numpy", elem_id="ood-shifted")
                     o_zs, o_ft, o_merged = (gr.Label(num_top_classes=3, label=f"{t} on the shifted input") for t in
                                             ("zero-shot", "fine-tuned", "merged"))
-                    o_note = gr.Markdown()
+                    o_note = gr.Markdown(elem_id="ood-note")
                     o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter",
-                                      value=plot(first, first_alpha))
+                                      value=plot(first, first_alpha), elem_id="ood-plot")
 
         c_args = [c_image, c_classes, adapter, alpha, beta]
         c_outs = [c_zs, c_ft, c_merged, c_alpha]

@@ -128,7 +128,7 @@ def test_heads_built_on_demand_equal_warmed_ones(service, tmp_path):
             IMAGE, CLASSES, "colours", alpha)
 
 
-def test_bad_inputs_are_clear_messages():
+def test_bad_inputs_are_clear_messages(tmp_path):
     with pytest.raises(InputError, match="at least one class"):
         parse_classnames(" , ,")
     with pytest.raises(InputError, match="too many"):
@@ -139,6 +139,22 @@ def test_bad_inputs_are_clear_messages():
     with pytest.raises(InputError, match="not an image"):
         as_rgb_array("not-an-image.txt")
     assert max(as_rgb_array(np.zeros((3000, 1500, 3), np.uint8)).shape[:2]) == 1024
+    # Uploads arrive as file paths and are decoded by the app, so a bad file is a message too.
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InputError, match="not an image, or it is corrupt"):
+        as_rgb_array(str(tmp_path / "corrupt.png"))
+    Image.fromarray(IMAGE).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="corrupt"):
+        as_rgb_array(str(tmp_path / "truncated.png"))
+    Image.new("1", (10_000, 6_000)).save(tmp_path / "bomb.png")  # a few KB on disk, 60 megapixels decoded
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    with pytest.raises(InputError, match="megapixels"):
+        as_rgb_array(str(tmp_path / "bomb.png"))
+    Image.new("RGB", (4000, 2000), "red").save(tmp_path / "big.jpg")
+    assert as_rgb_array(str(tmp_path / "big.jpg")).shape == (512, 1024, 3)  # downscaled, not refused
+    assert np.array_equal(as_rgb_array(str(tmp_path / "ok.png")), IMAGE)
 
 
 def test_gradio_app_end_to_end(service, tmp_path):
@@ -166,7 +182,7 @@ def test_gradio_app_end_to_end(service, tmp_path):
         with pytest.raises(Exception, match="at least one class"):
             client.predict(handle_file(str(tmp_path / "x.png")), " ", "colours", 0.3, 0.5, api_name="/classify")
         (tmp_path / "bad.png").write_bytes(b"not a png")
-        with pytest.raises(Exception):  # noqa: B017 - gradio wraps the message; the UI shows it
+        with pytest.raises(Exception, match="not an image, or it is corrupt"):
             client.predict(handle_file(str(tmp_path / "bad.png")), "a", "colours", 0.3, 0.5, api_name="/classify")
     finally:
         demo.close()
@@ -193,3 +209,14 @@ def test_retrieval_answers_from_the_nearest_alpha_index(service, tmp_path):
     assert retrieval._jobs[NO_ADAPTER].wait(timeout=120)
     base = retrieval.search("a red square", "text->image", NO_ADAPTER, 0.7)
     assert base.index_alpha is None and len(base.items) == 6 and "zero-shot" in base.message
+
+
+def test_ci_runs_the_readme_test_command_which_installs_the_browser_test_needs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = readme.split("**2. Set up and run the tests**", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert (root / ".ci" / "run").read_text().rstrip().splitlines()[-1] == command
+    assert "apt-get install -y -q chromium" in command and "requirements-dev.txt" in command
+    assert any(line.startswith("playwright==") for line in (root / "requirements-dev.txt").read_text().splitlines())

@@ -1,0 +1,235 @@
+"""End-to-end: ``python -m app`` driven in headless Chromium (Debian ``chromium`` + Playwright).
+
+No browser is downloaded: Playwright drives the system Chromium. The app runs as users
+start it (the offline default model and the shipped adapters in ``adapters/``), with a
+six-photo retrieval collection so its indexes build in seconds. The test moves the alpha
+slider, runs every tab and checks that each shows a result stating the alpha used, that
+bad input is a one-line message, and saves a screenshot of each tab (into
+``$RADAPTER_SCREENSHOTS`` if set, e.g. ``docs/screenshots`` for the README; else a
+temporary folder). It skips only when Chromium or Playwright is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+TIMEOUT_MS = 30_000  # one action's result; the whole test takes ~30 s on 2 CPU cores
+
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="Playwright is not installed (pip install -r requirements-dev.txt)")
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _photos(folder: Path) -> dict[str, Path]:
+    """Offline sample photos (scikit-image) as PNG files."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in ("chelsea", "coffee", "rocket", "astronaut", "camera", "horse"):
+        out[name] = folder / f"{name}.png"
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((160, 160)).save(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("browser")
+
+
+@pytest.fixture(scope="module")
+def app_url(workdir: Path) -> Iterator[str]:
+    """A real ``python -m app`` process on a free port; its log is shown if it fails."""
+    photos = _photos(workdir / "collection")
+    port = _free_port()
+    log = (workdir / "app.log").open("w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "GRADIO_TEMP_DIR": str(workdir / "gradio")}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--adapter-dir", str(ROOT / "adapters"),
+                             "--collection", f"folder:{photos['chelsea'].parent}",
+                             "--index-dir", str(workdir / "indexes")],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the app exited with {proc.returncode}:\n{_tail(workdir / 'app.log')}")
+            if time.time() - t0 > 120:
+                pytest.fail(f"the app did not answer within 120 s:\n{_tail(workdir / 'app.log')}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def page(app_url: str) -> Iterator:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        remote: list[str] = []
+        page.on("request", lambda r: remote.append(r.url) if not r.url.startswith(app_url) else None)
+        page.goto(app_url, wait_until="networkidle")
+        yield page
+        browser.close()
+        assert not [u for u in remote if not u.startswith(("data:", "blob:"))], \
+            f"the page fetched from outside the server: {remote[:5]}"
+
+
+@pytest.fixture(scope="module")
+def shots(workdir: Path) -> Path:
+    out = Path(os.environ.get("RADAPTER_SCREENSHOTS") or workdir / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _screenshot(page, out: Path, name: str) -> None:
+    """A full-page screenshot, downscaled and palette-compressed (README-sized PNG)."""
+    from PIL import Image
+
+    raw = out / f"{name}.raw.png"
+    page.screenshot(path=str(raw), full_page=True)
+    with Image.open(raw) as img:
+        img = img.convert("RGB")
+        img.thumbnail((960, 2000))
+        img.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out / f"{name}.png", optimize=True)
+    raw.unlink()
+
+
+def _alpha(page) -> float:
+    return float(page.locator("#alpha input[type=number]").input_value())
+
+
+def _wait_note(page, elem_id: str, alpha: float) -> str:
+    """Wait until a result's note states ``alpha used: <alpha>`` and return the note."""
+    pattern = re.compile(rf"alpha used: \**{re.escape(f'{alpha:g}')}\b")
+    sync_api.expect(page.locator(f"#{elem_id}")).to_contain_text(pattern)
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def _error_toast(page, text: str) -> None:
+    """The UI shows ``text`` as an error message (then the toasts are closed)."""
+    sync_api.expect(page.locator(".toast-body").filter(has_text=text).first).to_be_visible()
+    for close in page.locator(".toast-close").all():
+        close.click()
+
+
+def test_every_tab_in_chromium(page, workdir: Path, shots: Path) -> None:
+    photo = str(workdir / "collection" / "chelsea.png")
+
+    # Classify, then move the slider: the release re-classifies at the new alpha.
+    page.get_by_role("tab", name="Classify").click()
+    page.locator("#classify-image input[type=file]").set_input_files(photo)
+    page.locator("#classify-classes textarea").fill("cat, dog, rocket, coffee cup")
+    page.locator("#classify-button").click()
+    before = _alpha(page)
+    _wait_note(page, "classify-note", before)
+    sync_api.expect(page.locator("#classify-merged")).to_contain_text("cat")
+    track = page.locator("#alpha input[type=range]").bounding_box()
+    page.mouse.click(track["x"] + 0.3 * track["width"], track["y"] + track["height"] / 2)
+    after = _alpha(page)
+    assert after != before and 0.0 < after < 1.0
+    _wait_note(page, "classify-note", after)
+    sync_api.expect(page.locator("#classify-merged")).to_contain_text("cat")
+    _screenshot(page, shots, "classify")
+
+    # Retrieve: the index grid builds in the background; the answer names the index's alpha.
+    page.get_by_role("tab", name="Retrieve").click()
+    page.locator("#retrieve-query textarea").fill("a cat")
+    building = page.locator(".toast-body").filter(has_text="still being built")
+    pattern = re.compile(rf"alpha used: \**{re.escape(f'{after:g}')}\b")
+    deadline = time.time() + 60
+    page.locator("#retrieve-text-button").click()
+    while not pattern.search(page.locator("#retrieve-note").inner_text()):
+        assert time.time() < deadline, "no retrieval answer within 60 s"
+        if building.count():  # the first index is not built yet: ask again
+            for close in page.locator(".toast-close").all():
+                close.click()
+            page.locator("#retrieve-text-button").click()
+        time.sleep(0.5)
+    note = page.locator("#retrieve-note").inner_text()
+    assert re.search(r"index built at alpha = [\d.]+", note), note
+    sync_api.expect(page.locator("#retrieve-gallery img").first).to_be_visible()
+    _screenshot(page, shots, "retrieve")
+
+    # Segment: annotated masks.
+    page.get_by_role("tab", name="Segment").click()
+    page.locator("#segment-image input[type=file]").set_input_files(photo)
+    page.locator("#segment-classes textarea").fill("cat, coffee cup")
+    page.locator("#segment-button").click()
+    note = _wait_note(page, "segment-note", after)
+    assert "classes found" in note
+    sync_api.expect(page.locator("#segment-masks img").first).to_be_visible()
+    _screenshot(page, shots, "segment")
+
+    # OOD inspection: a corruption, the three models before/after, the sweep plot with alpha marked.
+    page.get_by_role("tab", name="OOD inspection").click()
+    page.locator("#ood-image input[type=file]").set_input_files(photo)
+    page.locator("#ood-classes textarea").fill("cat, dog, rocket, coffee cup")
+    page.locator("#ood-button").click()
+    note = _wait_note(page, "ood-note", after)
+    assert "merged" in note and "shifted" in note, note  # the before/after table
+    sync_api.expect(page.locator("#ood-shifted img").first).to_be_visible()
+    sync_api.expect(page.locator("#ood-plot img").first).to_be_visible()
+    _screenshot(page, shots, "ood")
+
+
+def test_bad_input_is_a_message_in_the_ui(page, workdir: Path) -> None:
+    page.get_by_role("tab", name="Classify").click()
+    page.locator("#classify-image input[type=file]").set_input_files(str(workdir / "collection" / "coffee.png"))
+    page.locator("#classify-classes textarea").fill(" , ")
+    page.locator("#classify-button").click()
+    _error_toast(page, "Type at least one class name")
+    page.locator("#classify-classes textarea").fill(", ".join(f"class {i}" for i in range(200)))
+    page.locator("#classify-button").click()
+    _error_toast(page, "200 classes is too many")
+    corrupt = workdir / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    page.locator("#classify-image input[type=file]").set_input_files(str(corrupt))
+    page.locator("#classify-classes textarea").fill("cat, dog")
+    page.locator("#classify-button").click()
+    _error_toast(page, "not an image, or it is corrupt")
+    log = (workdir / "app.log").read_text(errors="replace")
+    assert "ComponentProcessingError" not in log and "Something went wrong" not in log, _tail(workdir / "app.log")
