@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,193 @@ def test_imagenet_recipe_dry_run(folders, tmp_path):
     cfg.classnames = None
     m = run(cfg)
     assert m["training"]["steps"] == 2 and m["results"] == {"dry_run": True}
+
+
+# ------------------------------------------------------------------ results matrix, report, device logistics
+
+FAKE_TRAIN = """
+import json, os, sys, time
+from pathlib import Path
+argv = sys.argv[3:]  # python -m train ...
+opt = {a: (b if not b.startswith("--") else "") for a, b in zip(argv, [*argv[1:], "--"]) if a.startswith("--")}
+out = Path(opt["--out-dir"])
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(str(out) + "\\n")
+if opt["--method"] == os.environ.get("FAKE_FAIL"):
+    sys.exit(1)
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+(out / "checkpoint.pt").write_text("state")
+(out / "metrics.json").write_text(json.dumps({"method": opt["--method"], "seed": int(opt["--seed"])}))
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    exe = tmp_path / "fake-python"
+    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_matrix_plan_gives_every_method_the_same_budget():
+    from train.matrix import Settings, plan
+
+    settings = Settings()
+    runs = plan(settings, [0, 1, 2])
+    keys = {r.key for r in runs}
+    assert "emoji/zero-shot/seed0" in keys and "emoji/zero-shot/seed1" not in keys  # deterministic: once
+    assert {f"fmnist/linear-probe/seed{s}" for s in range(3)} <= keys  # its training subset depends on the seed
+    assert "emoji/linear-probe/seed1" not in keys
+    assert {f"emoji/drm/seed{s}" for s in range(3)} | {f"fmnist/full-ft-drm/seed{s}" for s in range(3)} <= keys
+    assert "fmnist-base2novel/r-adapter/seed0" in keys and "fmnist-base2novel/r-adapter/seed1" not in keys
+    assert "emoji-retrieval/r-adapter/seed0" in keys
+    budgets = set()
+    for r in runs:
+        argv = settings.train_argv(r, r.out_dir(Path("m")))
+        opt = {a: b for a, b in zip(argv, [*argv[1:], "--"], strict=True) if a.startswith("--")}
+        budgets.add((r.group.benchmark, opt["--steps"], opt["--batch-size"], opt.get("--train-limit"),
+                     opt.get("--eval-limit"), opt["--eval-alphas"]))
+        assert ("--lr" in argv) == r.method.startswith("full-ft")
+    assert len(budgets) == 2  # one budget per benchmark, whatever the method
+
+
+def test_matrix_skips_finished_runs_and_records_failures(tmp_path, fake_python, monkeypatch):
+    from train.matrix import GROUPS, Run, Settings, main, plan, run_matrix
+
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    root = tmp_path / "m"
+    runs = plan(Settings(), [0, 1], groups=["emoji"], methods=["zero-shot", "r-adapter"])
+    assert len(runs) == 3
+    first = run_matrix(runs, root, Settings(), jobs=2, python=fake_python)
+    assert (first["done"], first["skipped"]) == (3, 0)
+    assert not list(root.rglob("checkpoint.pt"))  # finished runs drop their checkpoint
+    assert json.loads((root / "emoji/r-adapter/seed1/matrix_run.json").read_text())["status"] == "done"
+    second = run_matrix(runs, root, Settings(), jobs=2, python=fake_python)
+    assert (second["done"], second["skipped"]) == (0, 3)
+    (root / "emoji/r-adapter/seed0/metrics.json").unlink()
+    third = run_matrix(runs, root, Settings(), jobs=2, python=fake_python)
+    assert (third["done"], third["skipped"]) == (1, 2)
+    assert len(calls.read_text().splitlines()) == 4
+    monkeypatch.setenv("FAKE_FAIL", "drm")
+    bad = run_matrix([Run(GROUPS[0], "drm", 0)], root, Settings(), jobs=1, python=fake_python)
+    assert bad["failed"] == 1 and bad["records"][0]["returncode"] == 1
+    monkeypatch.setenv("FAKE_SLEEP", "30")
+    t = time.time()
+    slow = run_matrix([Run(GROUPS[0], "lora", 0), Run(GROUPS[0], "lora", 1)], root, Settings(), jobs=1,
+                      python=fake_python, time_limit=1)
+    assert time.time() - t < 20 and (slow["stopped"], slow["not started"]) == (1, 1)
+    assert main(["--out", str(root), "--groups", "emoji", "--dry-run"]) == 0
+
+
+def _classification_metrics(method: str, seed: int, oods: list[str], sweep: bool, params: int) -> dict:
+    def point(alpha, base):
+        acc = {o: base - 0.1 - 0.01 * i for i, o in enumerate(oods)}
+        return {"alpha": alpha, "id": {"top1": base}, "ood": {o: {"top1": a} for o, a in acc.items()},
+                "ood_avg": {"top1": sum(acc.values()) / len(acc)}}
+
+    base = 0.5 + 0.1 * seed
+    chosen = 0.5 if sweep else None
+    part = {"at_chosen_alpha": point(chosen, base)}
+    if sweep:
+        part["sweep"] = [point(0.0, 0.3), point(0.5, base), point(1.0, base - 0.05)]
+    return {"method": method, "training": {"trainable_parameters": params},
+            "results": {"chosen_alpha": chosen, "all": part}}
+
+
+def _write(root: Path, key: str, metrics: dict, wall: float = 10.0) -> None:
+    d = root / key
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "matrix_run.json").write_text(json.dumps({"run": key, "status": "done", "wall_s": wall}))
+
+
+def test_report_renders_tables_from_metrics(tmp_path):
+    from train.report import main
+
+    root = tmp_path / "m"
+    fm_oods = [f"c{i}-2" for i in range(12)]
+    _write(root, "emoji/zero-shot/seed0", _classification_metrics("zero-shot", 0, ["twitter"], False, 0))
+    _write(root, "fmnist/zero-shot/seed0", _classification_metrics("zero-shot", 0, fm_oods, False, 0))
+    for s in range(3):
+        _write(root, f"emoji/r-adapter/seed{s}", _classification_metrics("r-adapter", s, ["twitter"], True, 2080796))
+        _write(root, f"emoji/full-ft/seed{s}", _classification_metrics("full-ft", s, ["twitter"], True, 28094569))
+        _write(root, f"fmnist/r-adapter/seed{s}", _classification_metrics("r-adapter", s, fm_oods, True, 2080796))
+    recall = {"t2i_r1": 0.4, "i2t_r1": 0.5}
+    _write(root, "emoji-retrieval/r-adapter/seed0", {
+        "training": {"trainable_parameters": 2080796},
+        "results": {"chosen_alpha": 1.0, "points": [{"alpha": 0.0, "id": recall, "ood": recall},
+                                                    {"alpha": 1.0, "id": recall, "ood": {"t2i_r1": 0.3,
+                                                                                         "i2t_r1": 0.2}}]}})
+    _write(root, "emoji-base2novel/r-adapter/seed0", {
+        "training": {"trainable_parameters": 2080796},
+        "results": {"chosen_alpha": 0.5, "harmonic_mean": 0.48, "base": {"sweep": [],
+                    "at_chosen_alpha": {"id": {"top1": 0.6}}}, "novel": {"at_chosen_alpha": {"id": {"top1": 0.4}}}}})
+    (root / "matrix.json").write_text(json.dumps({
+        "seeds": [0, 1, 2], "model": {"name": "m", "fingerprint": "ab" * 32, "embed_dim": 1281},
+        "settings": {"steps": 300, "batch_size": 32, "eval_alphas": 3, "precision": "fp32",
+                     "lr": {"full-ft": 3e-5}, "train_limit": {"fmnist": 10000}, "eval_limit": {"fmnist": 500}},
+        "invocations": [{"command": "python -m train.matrix --jobs 10", "finished": "2026-11-23T10:00:00+00:00",
+                         "machine": {"gpu": "NVIDIA H100", "cpus": 16, "torch": "2.11", "python": "3.12"},
+                         "jobs": 10, "wall_s": 400.0, "runs": {"done": 14}}]}))
+    out = tmp_path / "docs" / "results.md"
+    assert main([str(root), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| R-Adapter | 2.08M | 0,1,2 | 0.5 | 60.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 |" in md
+    assert "| full FT (FLYP) | 28.09M | 0,1,2 | 1 | 55.0 ± 10.0 |" in md  # the alpha = 1 end of the sweep
+    assert "| zero-shot | 0 | 0 | — | 50.0 | 40.0 | 40.0 |" in md
+    assert "| c11-2 | 29.0 | 39.0 ± 10.0 |" in md  # fmnist: per-OOD table (zero-shot, R-Adapter)
+    assert "| R-Adapter | 2.08M | 0 | 1 | 40.0 | 50.0 | 30.0 | 20.0 |" in md  # retrieval R@1
+    assert "| emoji | R-Adapter | 2.08M | 0 | 0.5 | 60.0 | 40.0 | 48.0 |" in md  # base-to-novel
+    assert "python -m train.matrix --jobs 10" in md and "NVIDIA H100" in md and "2026-11-23" in md
+    assert "R-Adapter vs WiSE-FT of full FT: ID +0.0" in md and "`emoji/lora`" in md
+    figures = json.loads((tmp_path / "docs" / "bench" / "results.json").read_text())
+    row = figures["classification"]["emoji"]["R-Adapter"]
+    assert row["id"]["values"] == [0.5, 0.6, 0.7] and row["alpha"] == [0.5, 0.5, 0.5]
+    assert main([str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_device_parts_stash_and_unpack(tmp_path, monkeypatch):
+    """Pack small files, carry one part per 'call' into a fresh repo copy, then unpack and verify there."""
+    from train import device
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"site/pkg/__init__.py": b"X = 1\n", "data/bench/a.npz": os.urandom(300_000),
+             "data/bench/manifest.json": b"{}"}
+    for name, data in files.items():
+        (src / name.replace("/", "_")).write_bytes(data)
+    info = device.build_payload({n: src / n.replace("/", "_") for n in files}, tmp_path / "pack")
+    manifest = device.write_parts(info, tmp_path / "pack", 120_000, model=None)
+    assert len(manifest["chunks"]) >= 2 and all(c["bytes"] <= 120_000 for c in manifest["chunks"])
+    monkeypatch.setenv("RADAPTER_DEVICE_HOME", str(tmp_path / "home"))
+    for c in manifest["chunks"]:  # each call carries one part into a copy of the repository
+        carried = tmp_path / f"call{c['part']}" / ".devpack"
+        shutil.copytree(tmp_path / "pack" / f"p{c['part']}", carried / f"p{c['part']}")
+        monkeypatch.setattr(device, "PACK", carried)
+        device.stash()
+    env = device.setup()
+    unpacked = tmp_path / "home" / "radapter-env"
+    assert env["RADAPTER_DATA"] == str(unpacked / "data")
+    for name, data in files.items():
+        assert (unpacked / name).read_bytes() == data
+    assert device.setup()["RADAPTER_DATA"] == env["RADAPTER_DATA"]  # second call: already unpacked
+
+
+def test_device_collect_and_fetch_bring_back_results(tmp_path):
+    from train import device
+
+    root = tmp_path / "runs"
+    run_dir = root / "emoji" / "r-adapter" / "seed0"
+    run_dir.mkdir(parents=True)
+    for name in ("metrics.json", "checkpoint.pt", "adapter.safetensors", "sweep.png"):
+        (run_dir / name).write_text(name)
+    (root / "matrix.json").write_text("{}")
+    written = device.collect(root, tmp_path / "out")
+    assert sorted(p.name for p in written) == ["adapter.emoji.r-adapter.seed0.safetensors", "runs.tar.gz"]
+    assert device.fetch(tmp_path / "out", tmp_path / "back") == 0
+    back = tmp_path / "back" / "emoji" / "r-adapter" / "seed0"
+    assert sorted(p.name for p in back.iterdir()) == ["adapter.safetensors", "metrics.json", "sweep.png"]
+    assert (tmp_path / "back" / "matrix.json").is_file()

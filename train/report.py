@@ -1,0 +1,371 @@
+"""``python -m train.report``: the results matrix as docs/results.md and a JSON of every figure.
+
+    python -m train.report runs/matrix --out docs/results.md       # also writes docs/bench/results.json
+
+Every number comes from the runs' ``metrics.json`` (``python -m train.matrix``): mean +/- sample
+std over seeds, trainable parameters, the alpha chosen on ID validation, and the command,
+machine and date from ``matrix.json``. Nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from radapter.atomic import atomic_path
+
+from .matrix import GROUPS, MATRIX_FILE, RUN_FILE
+
+# (label, method, which point): "chosen" = alpha chosen on ID validation, "alpha1" = the fine-tuned end.
+CLASSIFICATION_ROWS = (
+    ("zero-shot", "zero-shot", "chosen"),
+    ("linear probe", "linear-probe", "chosen"),
+    ("full FT (FLYP)", "full-ft", "alpha1"),
+    ("WiSE-FT of full FT", "full-ft", "chosen"),
+    ("LoRA (merged)", "lora", "chosen"),
+    ("R-Adapter", "r-adapter", "chosen"),
+    ("R-Adapter + DRM", "drm", "chosen"),
+    ("full FT + DRM", "full-ft-drm", "alpha1"),
+    ("WiSE-FT of full FT + DRM", "full-ft-drm", "chosen"),
+)
+RETRIEVAL_ROWS = (("zero-shot", "zero-shot"), ("R-Adapter", "r-adapter"))
+B2N_ROWS = (("zero-shot", "zero-shot"), ("WiSE-FT of full FT", "full-ft"), ("R-Adapter", "r-adapter"))
+TITLES = {"emoji": "Emoji categories (9 classes): ID = Google-style test, OOD = Twitter-style test",
+          "fmnist": "Fashion-MNIST (10 classes): ID = test, OOD = 12 ImageNet-C corruptions (severity 2 and 4)"}
+COMPARISONS = (("R-Adapter", "WiSE-FT of full FT"), ("R-Adapter", "full FT (FLYP)"), ("R-Adapter", "LoRA (merged)"),
+               ("R-Adapter + DRM", "R-Adapter"), ("full FT + DRM", "full FT (FLYP)"))
+MAX_OOD_COLUMNS = 3  # more OOD sets than this get their own table
+
+Runs = dict[tuple[str, str], dict[int, dict[str, Any]]]
+
+
+def load_runs(root: Path) -> Runs:
+    """``(group, method) -> {seed: metrics}`` for every finished run under ``root``."""
+    runs: Runs = defaultdict(dict)
+    for path in sorted(root.glob("*/*/seed*/metrics.json")):
+        group, method, seed = path.parts[-4], path.parts[-3], path.parts[-2]
+        metrics = json.loads(path.read_text())
+        run_file = path.with_name(RUN_FILE)
+        if run_file.is_file():
+            metrics["_run"] = json.loads(run_file.read_text())
+        runs[(group, method)][int(seed.removeprefix("seed"))] = metrics
+    return dict(runs)
+
+
+def stat(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None with one value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values), "values": values}
+
+
+def classification_point(metrics: dict[str, Any], which: str) -> dict[str, Any] | None:
+    """Top-1 ID / per-OOD / average OOD at the chosen alpha, or at alpha 1 (``which="alpha1"``)."""
+    part = metrics.get("results", {}).get("all")
+    if not part:
+        return None
+    if which == "alpha1":
+        point = next((p for p in part.get("sweep", []) if abs(p["alpha"] - 1.0) < 1e-9), None)
+        if point is None:
+            return None
+    else:
+        point = part["at_chosen_alpha"]
+    return {"alpha": point.get("alpha"), "id": point["id"]["top1"],
+            "ood": {k: v["top1"] for k, v in point["ood"].items()}, "ood_avg": point["ood_avg"]["top1"]}
+
+
+def retrieval_point(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """R@1 both ways, ID (Google test) and OOD (Twitter test), at the alpha chosen on Google val."""
+    res = metrics.get("results", {})
+    if "points" not in res:
+        return None
+    point = next(p for p in res["points"] if p["alpha"] == res["chosen_alpha"])
+    return {"alpha": res["chosen_alpha"] if len(res["points"]) > 1 else None,
+            **{f"{split}_{way}": point[split][f"{way}_r1"] for split in ("id", "ood") for way in ("t2i", "i2t")}}
+
+
+def b2n_point(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    res = metrics.get("results", {})
+    if "harmonic_mean" not in res:
+        return None
+    return {"alpha": res.get("chosen_alpha") if "sweep" in res["base"] else None,
+            "base": res["base"]["at_chosen_alpha"]["id"]["top1"],
+            "novel": res["novel"]["at_chosen_alpha"]["id"]["top1"], "hm": res["harmonic_mean"]}
+
+
+def trainable(method: str, seeds: dict[int, dict[str, Any]], benchmark: str, embed_dim: int | None) -> int | None:
+    """Trainable parameters: from the training summary; the linear probe's are classes x (features + 1)."""
+    if method == "zero-shot":
+        return 0
+    if method == "linear-probe":
+        if embed_dim is None:
+            return None
+        from radapter.data.benchmark_spec import get_spec
+
+        return len(get_spec(benchmark).classnames) * (embed_dim + 1)
+    counts = {m.get("training", {}).get("trainable_parameters") for m in seeds.values()}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def aggregate(points: dict[int, dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """Per-key statistics over seeds; nested dicts (per-OOD) are aggregated per entry."""
+    out: dict[str, Any] = {"seeds": sorted(points), "alpha": [points[s]["alpha"] for s in sorted(points)]}
+    for key in keys:
+        first = points[min(points)][key]
+        if isinstance(first, dict):
+            out[key] = {k: stat([points[s][key][k] for s in sorted(points)]) for k in first}
+        else:
+            out[key] = stat([points[s][key] for s in sorted(points)])
+    return out
+
+
+def build_figures(runs: Runs, matrix: dict[str, Any]) -> dict[str, Any]:
+    """Everything the page shows, as data (written to the JSON)."""
+    embed_dim = (matrix.get("model") or {}).get("embed_dim")
+    groups = {g.name: g for g in GROUPS}
+    figures: dict[str, Any] = {"classification": {}, "retrieval": {}, "base_to_novel": {}, "sweeps": {}}
+    for name, group in groups.items():
+        kind = ("retrieval" if "--task" in group.args else "base_to_novel" if "--base-to-novel" in group.args
+                else "classification")
+        rows = {"classification": CLASSIFICATION_ROWS, "retrieval": [(lbl, m, None) for lbl, m in RETRIEVAL_ROWS],
+                "base_to_novel": [(lbl, m, None) for lbl, m in B2N_ROWS]}[kind]
+        table = {}
+        for label, method, which in rows:
+            seeds = runs.get((name, method))
+            if not seeds:
+                continue
+            if kind == "classification":
+                points = {s: classification_point(m, which) for s, m in seeds.items()}
+                keys = ["id", "ood", "ood_avg"]
+            elif kind == "retrieval":
+                points = {s: retrieval_point(m) for s, m in seeds.items()}
+                keys = ["id_t2i", "id_i2t", "ood_t2i", "ood_i2t"]
+            else:
+                points = {s: b2n_point(m) for s, m in seeds.items()}
+                keys = ["base", "novel", "hm"]
+            points = {s: p for s, p in points.items() if p is not None}
+            if points:
+                table[label] = {"method": method, "point": which or "chosen",
+                                "trainable_parameters": trainable(method, seeds, group.benchmark, embed_dim),
+                                **aggregate(points, keys)}
+        if table:
+            figures[kind][name] = table
+        if kind == "classification":
+            sweeps = {m: _mean_sweep(runs.get((name, m), {})) for m in ("r-adapter", "full-ft")}
+            sweeps = {m: s for m, s in sweeps.items() if s}
+            if sweeps:
+                figures["sweeps"][name] = sweeps
+    walls = [m["_run"]["wall_s"] for seeds in runs.values() for m in seeds.values() if "_run" in m]
+    figures["run_wall_s"] = stat(walls) if walls else None
+    present = {g for g, _ in runs}
+    figures["missing"] = [f"{g.name}/{m}" for g in GROUPS if g.name in present for m in g.methods
+                          if (g.name, m) not in runs]
+    return figures
+
+
+def _mean_sweep(seeds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The test-split sweep averaged over seeds: alpha, ID and average-OOD top-1."""
+    sweeps = [m["results"]["all"]["sweep"] for m in seeds.values() if m.get("results", {}).get("all", {}).get("sweep")]
+    if not sweeps:
+        return []
+    return [{"alpha": pts[0]["alpha"], "id": stat([p["id"]["top1"] for p in pts]),
+             "ood_avg": stat([p["ood_avg"]["top1"] for p in pts])} for pts in zip(*sweeps, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+def pct(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "—"
+    return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "")
+
+
+def params(n: int | None) -> str:
+    if n is None:
+        return "—"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def alphas(row: dict[str, Any]) -> str:
+    vals = [a for a in row["alpha"] if a is not None]
+    if not vals:
+        return "—"
+    return "/".join(f"{a:g}" for a in vals) if len(set(vals)) > 1 else f"{vals[0]:g}"
+
+
+def seeds_cell(row: dict[str, Any]) -> str:
+    return ",".join(str(s) for s in row["seeds"])
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def classification_section(name: str, table: dict[str, Any], sweeps: dict[str, Any]) -> list[str]:
+    oods = list(next(iter(table.values()))["ood"])
+    wide = len(oods) > MAX_OOD_COLUMNS
+    header = ["method", "trainable params", "seeds", "alpha (ID val)", "ID", *([] if wide else oods),
+              f"avg OOD ({len(oods)})"]
+    rows = [[label, params(r["trainable_parameters"]), seeds_cell(r), alphas(r), pct(r["id"]),
+             *([] if wide else [pct(r["ood"].get(o)) for o in oods]), pct(r["ood_avg"])] for label, r in table.items()]
+    lines = [f"## {TITLES.get(name, name)}", "", "Top-1 accuracy (%), test splits, mean ± std over seeds.", "",
+             *_table(header, rows), ""]
+    if wide:
+        lines += [f"Per OOD set ({name}, top-1 %):", "",
+                  *_table(["OOD set", *table], [[o, *(pct(r["ood"].get(o)) for r in table.values())] for o in oods]),
+                  ""]
+    if sweeps:
+        labels = {"r-adapter": "R-Adapter", "full-ft": "WiSE-FT"}
+        cols = [(m, k) for m in sweeps for k in ("id", "ood_avg")]
+        header = ["alpha", *(f"{labels[m]} {'ID' if k == 'id' else 'avg OOD'}" for m, k in cols)]
+        n = min(len(s) for s in sweeps.values())
+        rows = [[f"{sweeps[cols[0][0]][i]['alpha']:g}", *(pct(sweeps[m][i][k]) for m, k in cols)] for i in range(n)]
+        lines += [f"Accuracy against alpha ({name}, test split, mean over seeds). Alpha 0 is the zero-shot model, "
+                  "alpha 1 the fine-tuned one; in between is the weight-space ensemble (R-Adapter: the adapters "
+                  "merged at alpha; WiSE-FT: the interpolated weights). The reported alpha is the one chosen on ID "
+                  "validation, never on these numbers.", "", *_table(header, rows), ""]
+    return lines
+
+
+def observations(figures: dict[str, Any]) -> list[str]:
+    """Plain comparisons computed from the table (mean over seeds, percentage points)."""
+    lines = []
+    for name, table in figures["classification"].items():
+        def mean(label: str, key: str, table: dict[str, Any] = table) -> float | None:
+            return 100 * table[label][key]["mean"] if label in table else None
+
+        best = max(table, key=lambda lbl: table[lbl]["ood_avg"]["mean"])
+        best_id = max(table, key=lambda lbl: table[lbl]["id"]["mean"])
+        parts = [f"best average OOD: {best} ({mean(best, 'ood_avg'):.1f}); best ID: {best_id} "
+                 f"({mean(best_id, 'id'):.1f})"]
+        for a, b in COMPARISONS:
+            if a in table and b in table:
+                d_id, d_ood = mean(a, "id") - mean(b, "id"), mean(a, "ood_avg") - mean(b, "ood_avg")
+                parts.append(f"{a} vs {b}: ID {d_id:+.1f}, avg OOD {d_ood:+.1f}")
+        lines.append(f"- **{name}**: " + "; ".join(parts) + ".")
+    for name, table in figures["base_to_novel"].items():
+        if "R-Adapter" in table and "zero-shot" in table:
+            r, z = table["R-Adapter"], table["zero-shot"]
+            lines.append(f"- **{name}**: R-Adapter novel {pct(r['novel'])} vs zero-shot {pct(z['novel'])}, "
+                         f"harmonic mean {pct(r['hm'])} vs {pct(z['hm'])}.")
+    return lines
+
+
+def _fmt_map(m: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()) or "none"
+
+
+def header_lines(matrix: dict[str, Any], figures: dict[str, Any], command: str) -> list[str]:
+    inv = matrix.get("invocations", [])
+    last = inv[-1] if inv else {}
+    s = matrix.get("settings", {})
+    model = matrix.get("model") or {}
+    machine = last.get("machine", {})
+    where = machine.get("gpu") or "CPU"
+    walls = figures.get("run_wall_s")
+    lines = ["# Results: R-Adapter, DRM and the baselines on the offline benchmarks", "",
+             f"Generated by `{command}` from the runs' `metrics.json` (every figure is also in "
+             "[bench/results.json](bench/results.json)); do not edit the numbers by hand: re-run the matrix and "
+             "this command ([training.md](training.md#running-the-results-matrix-on-a-gpu)).", ""]
+    if model:
+        lines.append(f"- **Model**: `{model.get('name')}`, fingerprint `{model.get('fingerprint', '')[:16]}…`.")
+    if s:
+        warm = s.get("warmup_steps") if s.get("warmup_steps") is not None else s.get("steps", 0) // 10
+        lines += [f"- **Budget, the same for every method**: {s.get('steps')} optimiser steps of batch "
+                  f"{s.get('batch_size')} (warm-up {warm}, AdamW, cosine), {s.get('precision')} on {where}; "
+                  f"learning rate 5e-4 (adapters, LoRA) except {_fmt_map(s.get('lr', {}))}. Training images: "
+                  "every training image, except a fixed random subset per seed for "
+                  f"{_fmt_map(s.get('train_limit', {}))}. "
+                  f"Evaluation: at most {_fmt_map(s.get('eval_limit', {}))} images per set (a fixed subset, the "
+                  "same for every method; other benchmarks: every image).",
+                  f"- **Alpha**: a grid of {s.get('eval_alphas')} points in [0, 1], chosen on the ID validation split "
+                  "(best top-1), never on test or OOD data.",
+                  f"- **Seeds**: {', '.join(map(str, matrix.get('seeds', [])))} for the classification tables, "
+                  f"{', '.join(map(str, matrix.get('extra_seeds') or matrix.get('seeds', [])[:1]))} for retrieval and "
+                  "base-to-novel; mean ± sample std over seeds. "
+                  "Zero-shot is deterministic and runs once; so does the linear probe when its training data does "
+                  "not depend on the seed."]
+    for i in inv:
+        m = i.get("machine", {})
+        hw = ", ".join(x for x in (m.get("gpu"), f"{m.get('cpus')} CPUs", f"torch {m.get('torch')}",
+                                   f"Python {m.get('python')}") if x)
+        lines.append(f"- **Run** {i.get('finished', i.get('started', '?'))[:10]} on {hw}: `{i.get('command')}` "
+                     f"({i.get('jobs')} at a time; {i.get('runs', {}).get('done', 0)} runs finished in "
+                     f"{i.get('wall_s', '?')} s wall time).")
+    if walls:
+        lines.append(f"- **Per run** ({walls['n']}): median {statistics.median(walls['values']):.0f} s, "
+                     f"longest {max(walls['values']):.0f} s (start-up, training and every evaluation).")
+    return [*lines, ""]
+
+
+def render(figures: dict[str, Any], matrix: dict[str, Any], command: str) -> str:
+    lines = header_lines(matrix, figures, command)
+    for name, table in figures["classification"].items():
+        lines += classification_section(name, table, figures["sweeps"].get(name, {}))
+    for name, table in figures["retrieval"].items():
+        lines += ["## Emoji retrieval: image ↔ name captions", "",
+                  "Recall@1 (%): name→image (text to image) and image→name; ID = Google-style test, OOD = "
+                  f"Twitter-style test; alpha chosen on Google validation R@1 ({name}).", "",
+                  *_table(["method", "trainable params", "seeds", "alpha", "ID name→image", "ID image→name",
+                           "OOD name→image", "OOD image→name"],
+                          [[lbl, params(r["trainable_parameters"]), seeds_cell(r), alphas(r), pct(r["id_t2i"]),
+                            pct(r["id_i2t"]), pct(r["ood_t2i"]), pct(r["ood_i2t"])] for lbl, r in table.items()]), ""]
+    if figures["base_to_novel"]:
+        rows = [[name.removesuffix("-base2novel"), lbl, params(r["trainable_parameters"]), seeds_cell(r), alphas(r),
+                 pct(r["base"]), pct(r["novel"]), pct(r["hm"])]
+                for name, table in figures["base_to_novel"].items() for lbl, r in table.items()]
+        lines += ["## Base-to-novel", "",
+                  "Trained on the first half of the classes (base), tested on the base classes and on the unseen "
+                  "other half (novel) with the zero-shot head of the fine-tuned text tower; top-1 % within each half "
+                  "(ID test split), and their harmonic mean.", "",
+                  *_table(["benchmark", "method", "trainable params", "seeds", "alpha", "base", "novel",
+                           "harmonic mean"], rows), ""]
+    if figures.get("missing"):
+        lines += ["Not in these tables (no finished run; see its `run.log` under the matrix folder): "
+                  + ", ".join(f"`{m}`" for m in figures["missing"]) + ".", ""]
+    obs = observations(figures)
+    if obs:
+        lines += ["## What the numbers say", "",
+                  "Differences of means over seeds, in percentage points; compare them with the ± columns above "
+                  "before reading a winner into them.", "", *obs, ""]
+    lines += ["The shipped adapters (`adapters/`) and the commands that made them: "
+              "[adapters/README.md](../adapters/README.md).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", nargs="?", default="runs/matrix", help="matrix root (default: runs/matrix)")
+    p.add_argument("--out", default="docs/results.md", help="markdown page (default: docs/results.md)")
+    p.add_argument("--json", default=None, help="figures JSON (default: bench/results.json beside --out)")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    runs = load_runs(root)
+    if not runs:
+        print(f"error: no finished runs (metrics.json) under {root}", file=sys.stderr)
+        return 2
+    matrix = json.loads((root / MATRIX_FILE).read_text()) if (root / MATRIX_FILE).is_file() else {}
+    figures = build_figures(runs, matrix)
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out.parent / "bench" / "results.json"
+    command = f"python -m train.report {args.root} --out {args.out}" + (f" --json {args.json}" if args.json else "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(render(figures, matrix, command))
+    payload = {"generated_by": command, "matrix": {k: v for k, v in matrix.items()}, **figures}
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {out} and {json_path} ({sum(len(s) for s in runs.values())} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
