@@ -2,7 +2,7 @@
 
 Accepted names, in the order they are tried:
 - nothing: the offline default model :data:`DEFAULT_MODEL` (EfficientNet-Lite0 + MiniLM
-  joined by an ImageNet bridge; not OpenAI CLIP, see ``docs/offline_model.md``);
+  joined by an ImageNet bridge aligned on clip art; not OpenAI CLIP, see ``docs/offline_model.md``);
 - a name registered with :func:`register_model` (a custom builder, e.g. the offline default);
 - ``"local-dir:/path"`` or a folder path: an open_clip folder
   (``open_clip_config.json`` + ``open_clip_model.safetensors``), read offline;
@@ -34,7 +34,9 @@ open_clip.add_model_config(Path(__file__).parent / "model_configs")
 #: The tiny ViT CLIP used by fast tests: 2 layers, width 64, 32 px images.
 TINY_MODEL = "radapter-tiny-vit"
 #: The model ``load_model()`` returns: real pretrained towers that ship offline (see radapter.offline_model).
-DEFAULT_MODEL = "effnet-lite0-minilm-bridge"
+DEFAULT_MODEL = "effnet-lite0-minilm-lit"
+#: The same towers joined by the ImageNet bridge alone (before alignment), for comparisons.
+BRIDGE_MODEL = "effnet-lite0-minilm-bridge"
 
 LoadedModel = tuple[nn.Module, Callable, Callable]
 Builder = Callable[..., LoadedModel]
@@ -143,13 +145,17 @@ def load_model(
     return model, preprocess, tokenizer
 
 
-def _build_default(**kwargs: Any) -> LoadedModel:
-    from .offline_model.build import build_offline_model  # lazy: `import radapter` stays fast
+def _offline_builder(name: str) -> Builder:
+    def build(**kwargs: Any) -> LoadedModel:
+        from .offline_model.build import build_offline_model  # lazy: `import radapter` stays fast
 
-    return build_offline_model(**kwargs)
+        return build_offline_model(name=name, **kwargs)
+
+    return build
 
 
-register_model(DEFAULT_MODEL, _build_default)
+register_model(DEFAULT_MODEL, _offline_builder(DEFAULT_MODEL))
+register_model(BRIDGE_MODEL, _offline_builder(BRIDGE_MODEL))
 
 
 def model_info(model: nn.Module) -> ModelInfo | None:

