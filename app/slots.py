@@ -11,6 +11,7 @@ slot is made; a mismatch turns the fast path off rather than serve other weights
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -83,8 +84,6 @@ class Slot:
     @classmethod
     def with_adapter(cls, base: nn.Module, entry: AdapterEntry) -> Slot:
         """A copy of ``base`` with the adapter file loaded, merged at its default alpha."""
-        import copy
-
         model = copy.deepcopy(base)
         radapter.load_adapters(model, entry.path)
         model.eval()

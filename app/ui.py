@@ -165,8 +165,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
         with gr.Tab("Classify"):
             with gr.Row():
                 with gr.Column():
-                    c_image = image_input(label="Image", sources=["upload", "clipboard"],
-                                       elem_id="classify-image")
+                    c_image = image_input(label="Image", sources=["upload", "clipboard"], elem_id="classify-image")
                     c_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names (comma separated)",
                                            elem_id="classify-classes")
                     c_bench = gr.Dropdown(list(BENCHMARK_CLASSES), value=None, label="...or a benchmark's classes")
