@@ -71,8 +71,12 @@ class AdapterEntry:
         return json.loads(raw) if isinstance(raw, str) else raw
 
 
-def discover_adapters(folder: str | Path | None) -> dict[str, AdapterEntry]:
-    """Adapter files in the server's folder (never a path from the browser)."""
+def discover_adapters(folder: str | Path | None, base_fingerprint: str | None = None) -> dict[str, AdapterEntry]:
+    """Adapter files in the server's folder (never a path from the browser).
+
+    Unreadable files, and files trained on another base model than ``base_fingerprint``
+    (when given), are skipped with a log line: the app starts with the others.
+    """
     entries: dict[str, AdapterEntry] = {}
     if folder is None or not Path(folder).is_dir():
         return entries
@@ -81,6 +85,10 @@ def discover_adapters(folder: str | Path | None) -> dict[str, AdapterEntry]:
             info = adapter_file_info(path)
         except radapter.RAdapterError as e:
             log.warning("skipping %s: %s", path, e)
+            continue
+        if base_fingerprint is not None and info.get("base_fingerprint") != base_fingerprint:
+            log.warning("skipping %s: trained on base model %s (fingerprint %.12s), not on the loaded one (%.12s)",
+                        path, info.get("base_model", "?"), info.get("base_fingerprint", "?"), base_fingerprint)
             continue
         sweep_path = path.with_suffix(".sweep.json")
         sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
@@ -205,7 +213,8 @@ class ModelService:
     def from_config(cls, model: str | None = None, pretrained: str | None = None,
                     adapter_dir: str | Path | None = "adapters", **kwargs: Any) -> ModelService:
         loaded = radapter.load_model(model, pretrained=pretrained) if model else radapter.load_model()
-        return cls(*loaded, adapters=discover_adapters(adapter_dir), model_name=model or "default", **kwargs)
+        adapters = discover_adapters(adapter_dir, radapter.compute_fingerprint(loaded[0]))
+        return cls(*loaded, adapters=adapters, model_name=model or "default", **kwargs)
 
     @property
     def base_model(self) -> nn.Module:

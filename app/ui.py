@@ -160,7 +160,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
             alpha = gr.Slider(0.0, 1.0, value=first_alpha, step=ALPHA_STEP, elem_id="alpha",
                               label="alpha (0 = zero-shot, 1 = fine-tuned)")
             beta = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="DRM beta (DRM adapters only)")
-        info = gr.Markdown(adapter_info(first))
+        info = gr.Markdown(adapter_info(first), elem_id="adapter-info")
 
         with gr.Tab("Classify"):
             with gr.Row():

@@ -46,6 +46,15 @@ def test_adapters_come_from_the_server_folder_only(service):
         service.probabilities(IMAGE, CLASSES, "/etc/passwd", 0.5)
 
 
+def test_adapters_for_another_base_model_are_skipped(service, tmp_path):
+    other = radapter.load_model(radapter.TINY_MODEL)[0]  # another random init: another fingerprint
+    radapter.add_adapters(other, radapter.RAdapterConfig())
+    radapter.save_adapters(other, tmp_path / "other-base.safetensors")
+    fingerprint = radapter.compute_fingerprint(service.base_model)
+    assert list(discover_adapters(tmp_path, fingerprint)) == ["colours"]
+    assert list(discover_adapters(tmp_path)) == ["colours", "other-base"]  # no fingerprint given: no check
+
+
 def test_compare_zero_shot_fine_tuned_merged(service):
     res = service.compare(IMAGE, CLASSES, "colours", 0.5)
     assert set(res) == {"zero-shot", "fine-tuned", "merged"}
