@@ -41,7 +41,7 @@ def test_fmnist_prepare_load_and_idempotence(tmp_path, fake_fmnist):
     assert b.test.images[:, 0, :].min() == 255  # padded with white paper
     assert len(b.ood) == 12 and all(len(s) == 4 and s.images.shape[1:] == (32, 32, 3) for s in b.ood.values())
     assert {"gaussian_noise-2", "fog-4", "jpeg_compression-4"} <= set(b.ood)
-    assert b.test.classnames[2] == "sweater"
+    assert b.test.classnames[2] == "cardigan"  # the prompt name picked on val (specs/fmnist.json)
     manifest = json.loads((root / "fmnist" / "manifest.json").read_text())
     assert set(manifest["files"]) == {p.name for p in (root / "fmnist").glob("*.npz")}
     assert prepare(["fmnist"], root, fmnist_dir=fake_fmnist) == {"fmnist": "up to date"}
