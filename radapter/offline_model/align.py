@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from ..data.benchmark_spec import get_spec
 from ..data.cache import data_dir
 from ..data.sets import ImageDataset, open_image
 from ..evaluation import embed_images
@@ -64,10 +66,10 @@ class AlignConfig:
     seed: int = 0
 
 
-def _render(path: Path) -> np.ndarray:
+def _render(path: Path) -> Image.Image:
     img = open_image(path)
-    img.thumbnail((256, 256))
-    return np.asarray(img)
+    img.thumbnail((256, 256))  # big drawings: shrink before the model's own resize
+    return img
 
 
 class _ClipartImages(torch.utils.data.Dataset):
@@ -78,7 +80,7 @@ class _ClipartImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(open_image(_render(self.paths[i]))), i
+        return self.transform(_render(self.paths[i])), i
 
 
 @torch.inference_mode()
@@ -102,14 +104,17 @@ def clipart_features(model, preprocess, tokenizer) -> dict[str, torch.Tensor | l
     captions = [c for _, c in pairs]
     image = embed_images(model, _ClipartImages([p for p, _ in pairs], preprocess), desc="clip art")
     unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
     feats = {"image": image, "captions": captions, "unique": unique,
-             "caption_id": torch.tensor([unique.index(c) for c in captions]),
+             "caption_id": torch.tensor([index[c] for c in captions]),
              "text": pooled_text(model, tokenizer, unique)}
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path)
     return feats
 
 
+# Not radapter.mpm_nce_loss: that one pairs row i with row i (B x B, repeated captions repeat
+# columns); here each distinct caption is one column (B images x U captions).
 def _loss(head: BridgeTextHead, img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, tau: float) -> torch.Tensor:
     rows = F.normalize(head(txt), dim=-1)
     logits = img @ rows.t() / tau
@@ -177,8 +182,7 @@ def pick_class_names(head: BridgeTextHead, model, tokenizer, templates: tuple[st
     """Coordinate ascent over one name per class, maximising top-1 on (validation) images."""
     names = sorted({n for c in candidates for n in c})
     emb = pooled_text(model, tokenizer, [t.format(n) for n in names for t in templates])
-    rows = F.normalize(head(emb), dim=-1).view(len(names), len(templates), -1).mean(1)
-    row = dict(zip(names, F.normalize(rows, dim=-1), strict=True))
+    row = dict(zip(names, class_rows(head, emb, len(templates)), strict=True))
 
     def top1(pick: list[str]) -> float:
         return float(((image @ torch.stack([row[n] for n in pick]).t()).argmax(1) == labels).float().mean())
@@ -190,14 +194,20 @@ def pick_class_names(head: BridgeTextHead, model, tokenizer, templates: tuple[st
     return pick
 
 
+def class_rows(head: BridgeTextHead, prompts: torch.Tensor, n_templates: int) -> torch.Tensor:
+    """Zero-shot class rows: unit rows of each class's prompts (class-major), averaged, renormalised."""
+    rows = F.normalize(head(prompts), dim=-1)
+    return F.normalize(rows.view(-1, n_templates, rows.shape[-1]).mean(1), dim=-1)
+
+
 # --- selection on validation data only ------------------------------------------------------------
 
 def validation_features(model, preprocess, tokenizer, limit: int = 1000) -> dict:
     """Features of the validation data: fmnist val, emoji (Google) train+val (images cached on disk)."""
     from ..data.benchmarks import load_benchmark
 
-    fm_bench, emoji = load_benchmark("fmnist"), load_benchmark("emoji")
-    fm, em_spec = fm_bench.val.subset(limit), emoji.spec
+    fm_bench, em_spec = load_benchmark("fmnist"), get_spec("emoji")
+    fm = fm_bench.val.subset(limit)
     meta = json.loads((data_dir() / "emoji" / "emoji_meta.json").read_text())
     keep = [i for i, m in enumerate(meta) if m["split"] in ("train", "val")]
     fm_templates = fm_bench.spec.templates
@@ -225,13 +235,8 @@ def validation_features(model, preprocess, tokenizer, limit: int = 1000) -> dict
 
 @torch.no_grad()
 def validation_scores(head: BridgeTextHead, v: dict) -> dict[str, float]:
-    def zero_shot(prompts: torch.Tensor, n_templates: int) -> torch.Tensor:
-        rows = F.normalize(head(prompts), dim=-1)
-        rows = rows.view(-1, n_templates, rows.shape[-1])
-        return F.normalize(rows.mean(1), dim=-1)
-
-    fm = zero_shot(v["fmnist_prompts"], v["n_fmnist_templates"])
-    em = zero_shot(v["emoji_prompts"], v["n_emoji_templates"])
+    fm = class_rows(head, v["fmnist_prompts"], v["n_fmnist_templates"])
+    em = class_rows(head, v["emoji_prompts"], v["n_emoji_templates"])
     names = F.normalize(head(v["emoji_names"]), dim=-1)
     i2t = (v["emoji_image"] @ names.t()).argmax(1) == torch.arange(len(names))
     return {"fmnist_val_top1": float(((v["fmnist_image"] @ fm.t()).argmax(1) == v["fmnist_label"]).float().mean()),
@@ -262,8 +267,6 @@ def main(argv: list[str] | None = None) -> None:
             head = mix_heads(base, aligned, mix)
             print(json.dumps({"mix": mix, **validation_scores(head, val)}), flush=True)
         head = mix_heads(base, aligned, cfg.mix)
-        from ..data.benchmark_spec import get_spec
-
         pick = pick_class_names(head, model, tokenizer, tuple(get_spec("fmnist").templates), val["fmnist_image"],
                                 val["fmnist_label"])
         print("fmnist names picked on val at mix", cfg.mix, pick)
