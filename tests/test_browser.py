@@ -142,11 +142,23 @@ def _alpha(page) -> float:
     return float(page.locator("#alpha input[type=number]").input_value())
 
 
+def _alpha_used(alpha: float) -> re.Pattern[str]:
+    """What a result's note says about its alpha: ``alpha used: <alpha>``."""
+    return re.compile(rf"alpha used: \**{re.escape(f'{alpha:g}')}\b")
+
+
 def _wait_note(page, elem_id: str, alpha: float) -> str:
     """Wait until a result's note states ``alpha used: <alpha>`` and return the note."""
-    pattern = re.compile(rf"alpha used: \**{re.escape(f'{alpha:g}')}\b")
-    sync_api.expect(page.locator(f"#{elem_id}")).to_contain_text(pattern)
+    sync_api.expect(page.locator(f"#{elem_id}")).to_contain_text(_alpha_used(alpha))
     return page.locator(f"#{elem_id}").inner_text()
+
+
+def _submit(page, tab: str, prefix: str, photo: str, classes: str) -> None:
+    """Open ``tab``, upload ``photo``, type the class names and press the tab's button."""
+    page.get_by_role("tab", name=tab).click()
+    page.locator(f"#{prefix}-image input[type=file]").set_input_files(photo)
+    page.locator(f"#{prefix}-classes textarea").fill(classes)
+    page.locator(f"#{prefix}-button").click()
 
 
 def _error_toast(page, text: str) -> None:
@@ -162,10 +174,7 @@ def test_every_tab_in_chromium(page, workdir: Path, shots: Path) -> None:
                     "(the app skips them; see the log)").to_contain_text("trained with")
 
     # Classify, then move the slider: the release re-classifies at the new alpha.
-    page.get_by_role("tab", name="Classify").click()
-    page.locator("#classify-image input[type=file]").set_input_files(photo)
-    page.locator("#classify-classes textarea").fill("cat, dog, rocket, coffee cup")
-    page.locator("#classify-button").click()
+    _submit(page, "Classify", "classify", photo, "cat, dog, rocket, coffee cup")
     before = _alpha(page)
     _wait_note(page, "classify-note", before)
     sync_api.expect(page.locator("#classify-merged")).to_contain_text("cat")
@@ -181,7 +190,7 @@ def test_every_tab_in_chromium(page, workdir: Path, shots: Path) -> None:
     page.get_by_role("tab", name="Retrieve").click()
     page.locator("#retrieve-query textarea").fill("a cat")
     building = page.locator(".toast-body").filter(has_text="still being built")
-    pattern = re.compile(rf"alpha used: \**{re.escape(f'{after:g}')}\b")
+    pattern = _alpha_used(after)
     deadline = time.time() + 60
     page.locator("#retrieve-text-button").click()
     while not pattern.search(page.locator("#retrieve-note").inner_text()):
@@ -197,20 +206,14 @@ def test_every_tab_in_chromium(page, workdir: Path, shots: Path) -> None:
     _screenshot(page, shots, "retrieve")
 
     # Segment: annotated masks.
-    page.get_by_role("tab", name="Segment").click()
-    page.locator("#segment-image input[type=file]").set_input_files(photo)
-    page.locator("#segment-classes textarea").fill("cat, coffee cup")
-    page.locator("#segment-button").click()
+    _submit(page, "Segment", "segment", photo, "cat, coffee cup")
     note = _wait_note(page, "segment-note", after)
     assert "classes found" in note
     sync_api.expect(page.locator("#segment-masks img").first).to_be_visible()
     _screenshot(page, shots, "segment")
 
     # OOD inspection: a corruption, the three models before/after, the sweep plot with alpha marked.
-    page.get_by_role("tab", name="OOD inspection").click()
-    page.locator("#ood-image input[type=file]").set_input_files(photo)
-    page.locator("#ood-classes textarea").fill("cat, dog, rocket, coffee cup")
-    page.locator("#ood-button").click()
+    _submit(page, "OOD inspection", "ood", photo, "cat, dog, rocket, coffee cup")
     note = _wait_note(page, "ood-note", after)
     assert "merged" in note and "shifted" in note, note  # the before/after table
     sync_api.expect(page.locator("#ood-shifted img").first).to_be_visible()
