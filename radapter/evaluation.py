@@ -165,7 +165,11 @@ def alpha_sweep(
 
 def plot_alpha_sweep(sweep: dict[str, Any], path: str | Path, *, current_alpha: float | None = None,
                      title: str | None = None) -> Path:
-    """ID and average-OOD top-1 against alpha, optionally marking the alpha in use."""
+    """ID and average-OOD score against alpha, optionally marking the alpha in use.
+
+    ``sweep["points"]`` hold ``{"alpha", "id": {key: v}, "ood_avg": {key: v}}`` with ``key =
+    sweep.get("key", "top1")``; ``sweep.get("metric")`` names it on the axis (retrieval: R@1).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,17 +177,19 @@ def plot_alpha_sweep(sweep: dict[str, Any], path: str | Path, *, current_alpha: 
 
     from .atomic import atomic_path
 
+    key = sweep.get("key", "top1")
     alphas = [p["alpha"] for p in sweep["points"]]
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-    ax.plot(alphas, [100 * p["id"]["top1"] for p in sweep["points"]], "o-", label="ID")
-    ood = [p["ood_avg"].get("top1", math.nan) * 100 for p in sweep["points"]]
+    ax.plot(alphas, [100 * p["id"][key] for p in sweep["points"]], "o-", label="ID")
+    ood = [p["ood_avg"].get(key, math.nan) * 100 for p in sweep["points"]]
     if not all(math.isnan(v) for v in ood):
         ax.plot(alphas, ood, "s-", label="OOD (average)")
     if current_alpha is not None:
         ax.axvline(current_alpha, color="grey", linestyle="--", label=f"alpha = {current_alpha:g}")
     ax.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or f"{sweep['benchmark']}: accuracy vs alpha ({sweep['split']})")
+    metric = sweep.get("metric", "top-1 accuracy")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(title or f"{sweep['benchmark']}: {metric} vs alpha ({sweep['split']})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

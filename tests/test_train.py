@@ -84,6 +84,29 @@ def test_baselines_run(folders, tmp_path, method):
     assert not (tmp_path / "adapter.safetensors").exists()
 
 
+def test_no_test_sweep_tests_only_the_chosen_alpha_and_one(folders, tmp_path):
+    res = run(_cfg(folders, tmp_path, method="r-adapter", test_sweep=False))["results"]
+    assert [p["alpha"] for p in res["val_sweep"]] == [0.0, 0.5, 1.0]
+    assert [p["alpha"] for p in res["all"]["sweep"]] == sorted({res["chosen_alpha"], 1.0})
+    best = max(res["val_sweep"], key=lambda p: p["top1"])["alpha"]
+    assert res["chosen_alpha"] == best == res["all"]["at_chosen_alpha"]["alpha"]
+
+
+def test_ship_writes_a_retrieval_sweep_of_mean_recall(tmp_path):
+    from radapter.evaluation import plot_alpha_sweep
+    from train.ship import sweep_of
+
+    r = {"i2t_r1": 0.2, "t2i_r1": 0.4}
+    metrics = {"method": "r-adapter", "config": {"benchmark": "emoji"}, "results": {"chosen_alpha": 1.0, "points": [
+        {"alpha": 1.0, "val_r1": 0.3, "id": r, "ood": {"i2t_r1": 0.1, "t2i_r1": 0.1}},
+        {"alpha": 0.0, "val_r1": 0.1, "id": r, "ood": r}, {"alpha": 0.5, "val_r1": 0.2}]}}
+    sweep = sweep_of(metrics)
+    assert sweep["key"] == "r1" and [p["alpha"] for p in sweep["points"]] == [0.0, 1.0]  # untested 0.5 left out
+    assert sweep["points"][1]["id"]["r1"] == pytest.approx(0.3) and sweep["points"][1]["ood_avg"]["r1"] == 0.1
+    assert plot_alpha_sweep(sweep, tmp_path / "r1.png").read_bytes()[:4] == b"\x89PNG"
+    assert sweep_of({"config": {}, "results": {}}) is None
+
+
 def test_wiseft_alpha_zero_is_zero_shot(folders, tmp_path):
     zs = run(_cfg(folders, tmp_path / "zs", method="zero-shot"))["results"]["all"]["at_chosen_alpha"]["id"]
     ft = run(_cfg(folders, tmp_path / "ft", method="full-ft"))["results"]["all"]["sweep"][0]["id"]
@@ -294,7 +317,8 @@ def test_matrix_skips_finished_runs_and_records_failures(tmp_path, fake_python, 
     assert main(["--out", str(root), "--groups", "emoji", "--dry-run"]) == 0
 
 
-def _classification_metrics(method: str, seed: int, oods: list[str], sweep: bool, params: int) -> dict:
+def _classification_metrics(method: str, seed: int, oods: list[str], sweep: bool, params: int,
+                            test_sweep: bool = True) -> dict:
     def point(alpha, base):
         acc = {o: base - 0.1 - 0.01 * i for i, o in enumerate(oods)}
         return {"alpha": alpha, "id": {"top1": base}, "ood": {o: {"top1": a} for o, a in acc.items()},
@@ -303,10 +327,11 @@ def _classification_metrics(method: str, seed: int, oods: list[str], sweep: bool
     base = 0.5 + 0.1 * seed
     chosen = 0.5 if sweep else None
     part = {"at_chosen_alpha": point(chosen, base)}
+    results = {"chosen_alpha": chosen, "all": part, "alphas": [0.0, 0.5, 1.0] if sweep else [1.0]}
     if sweep:
-        part["sweep"] = [point(0.0, 0.3), point(0.5, base), point(1.0, base - 0.05)]
-    return {"method": method, "training": {"trainable_parameters": params},
-            "results": {"chosen_alpha": chosen, "all": part}}
+        part["sweep"] = [point(0.0, 0.3), point(0.5, base), point(1.0, base - 0.05)][0 if test_sweep else 1:]
+        results["val_sweep"] = [{"alpha": a, "top1": v} for a, v in ((0.0, 0.2), (0.5, base + 0.02), (1.0, base))]
+    return {"method": method, "training": {"trainable_parameters": params}, "results": results}
 
 
 def _write(root: Path, key: str, metrics: dict, wall: float = 10.0) -> None:
@@ -326,7 +351,8 @@ def test_report_renders_tables_from_metrics(tmp_path):
     for s in range(3):
         _write(root, f"emoji/r-adapter/seed{s}", _classification_metrics("r-adapter", s, ["twitter"], True, 2080796))
         _write(root, f"emoji/full-ft/seed{s}", _classification_metrics("full-ft", s, ["twitter"], True, 28094569))
-        _write(root, f"fmnist/r-adapter/seed{s}", _classification_metrics("r-adapter", s, fm_oods, True, 2080796))
+        _write(root, f"fmnist/r-adapter/seed{s}", _classification_metrics("r-adapter", s, fm_oods, True, 2080796,
+                                                                          test_sweep=False))
     recall = {"t2i_r1": 0.4, "i2t_r1": 0.5}
     _write(root, "emoji-retrieval/r-adapter/seed0", {
         "training": {"trainable_parameters": 2080796},
@@ -355,6 +381,10 @@ def test_report_renders_tables_from_metrics(tmp_path):
     assert "| emoji | R-Adapter | 2.08M | 0 | 0.5 | 60.0 | 40.0 | 48.0 |" in md  # base-to-novel
     assert "python -m train.matrix --jobs 10" in md and "NVIDIA H100" in md and "2026-11-23" in md
     assert "R-Adapter vs WiSE-FT of full FT: ID +0.0" in md and "`emoji/lora`" in md
+    # emoji swept the test split at every alpha: that table; fmnist tested two alphas: the validation curve
+    assert "Accuracy against alpha (emoji" in md and "| 0.5 | 60.0 ± 10.0 | 50.0 ± 10.0 | 60.0 ± 10.0 |" in md
+    assert "Accuracy against alpha (fmnist" not in md and "ID validation top-1 (%) against alpha (fmnist" in md
+    assert "| 0.5 | 62.0 ± 10.0 |" in md
     figures = json.loads((tmp_path / "docs" / "bench" / "results.json").read_text())
     row = figures["classification"]["emoji"]["R-Adapter"]
     assert row["id"]["values"] == [0.5, 0.6, 0.7] and row["alpha"] == [0.5, 0.5, 0.5]

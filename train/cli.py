@@ -59,6 +59,8 @@ HELP = {
     "log_every": "log a line every N steps", "ckpt_every": "write a resumable checkpoint every N steps",
     "resume": "continue from out_dir/checkpoint.pt exactly where it stopped",
     "eval_limit": "at most this many images per evaluation set", "eval_alphas": "alpha grid points in 0..1",
+    "test_sweep": "evaluate the test split at every alpha (--no-test-sweep: only the chosen alpha and 1, "
+                  "which is all the results table needs; validation always sweeps)",
     "default_alpha": "alpha to ship and report (default: best ID validation accuracy)",
     "dry_run": "build everything and run 2 steps (checks a recipe without the data size or time)",
 }

@@ -73,6 +73,7 @@ class TrainConfig:
     resume: bool = False
     eval_limit: int | None = None
     eval_alphas: int = 11  # alpha grid points for the sweep (0..1)
+    test_sweep: bool = True  # False: the test split only at the chosen alpha and at 1 (validation still sweeps)
     default_alpha: float | None = None  # None: best alpha on the ID validation split
     dry_run: bool = False  # build everything, run 2 steps, write nothing heavy
 

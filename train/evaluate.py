@@ -84,6 +84,11 @@ def alpha_setter(model: nn.Module, cfg: TrainConfig, theta0: dict | None, theta1
     return None
 
 
+def test_alphas(alphas: list[float], chosen: float, cfg: TrainConfig) -> list[float]:
+    """The test split's alphas: the whole grid, or just the chosen one and the fine-tuned end (alpha 1)."""
+    return alphas if cfg.test_sweep else sorted({chosen, 1.0})
+
+
 def final_evaluation(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: TrainConfig,
                      set_alpha: Setter | None) -> dict[str, Any]:
     """ID/OOD metrics; with an alpha (adapters, WiSE-FT), alpha is chosen on the ID validation split."""
@@ -109,7 +114,8 @@ def final_evaluation(model: nn.Module, tokenizer, preprocess, data: TrainData, c
     for part, (bench, names, desc) in parts.items():
         builder = head_builder(tokenizer, names, data.templates, desc, cfg)
         if set_alpha:
-            sweep = _sweep(model, tokenizer, preprocess, bench, builder, set_alpha, alphas, "test", cfg)
+            sweep = _sweep(model, tokenizer, preprocess, bench, builder, set_alpha, test_alphas(alphas, chosen, cfg),
+                           "test", cfg)
             results[part] = {"sweep": sweep, "at_chosen_alpha": next(p for p in sweep if p["alpha"] == chosen)}
         else:
             res = ev.evaluate_benchmark_classification(model, tokenizer, preprocess, bench, limit=cfg.eval_limit,
@@ -141,10 +147,17 @@ def evaluate_retrieval_task(model, tokenizer, preprocess, data: TrainData, cfg: 
         if set_alpha:
             set_alpha(alpha)
         val = score("google-val")
-        out["points"].append({"alpha": alpha, "val_r1": (val["i2t_r1"] + val["t2i_r1"]) / 2,
-                              "id": score("google-test"), "ood": score("twitter-test")})
+        out["points"].append({"alpha": alpha, "val_r1": (val["i2t_r1"] + val["t2i_r1"]) / 2})
     best = max(out["points"], key=lambda p: p["val_r1"])
     out["chosen_alpha"] = cfg.default_alpha if cfg.default_alpha is not None else best["alpha"]
+    for alpha in test_alphas(alphas, out["chosen_alpha"], cfg):
+        point = next((p for p in out["points"] if p["alpha"] == alpha), None)
+        if point is None:  # a --default-alpha off the grid
+            point = {"alpha": alpha}
+            out["points"].append(point)
+        if set_alpha:
+            set_alpha(alpha)
+        point.update(id=score("google-test"), ood=score("twitter-test"))
     if set_alpha:
         set_alpha(out["chosen_alpha"])
     return out

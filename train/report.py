@@ -159,6 +159,10 @@ def build_figures(runs: Runs, matrix: dict[str, Any]) -> dict[str, Any]:
             sweeps = {m: s for m, s in sweeps.items() if s}
             if sweeps:
                 figures["sweeps"][name] = sweeps
+            val = {m: _mean_val_sweep(runs.get((name, m), {})) for m in ("r-adapter", "drm", "full-ft", "full-ft-drm")}
+            val = {m: s for m, s in val.items() if s}
+            if val:
+                figures.setdefault("val_sweeps", {})[name] = val
     walls = [m["_run"]["wall_s"] for seeds in runs.values() for m in seeds.values() if "_run" in m]
     figures["run_wall_s"] = stat(walls) if walls else None
     present = {g for g, _ in runs}
@@ -168,12 +172,25 @@ def build_figures(runs: Runs, matrix: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mean_sweep(seeds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The test-split sweep averaged over seeds: alpha, ID and average-OOD top-1."""
-    sweeps = [m["results"]["all"]["sweep"] for m in seeds.values() if m.get("results", {}).get("all", {}).get("sweep")]
-    if not sweeps:
+    """The test-split sweep averaged over seeds: alpha, ID and average-OOD top-1.
+
+    Runs that tested only the chosen alpha and 1 (``--no-test-sweep``) have no sweep to show.
+    """
+    results = [m.get("results", {}) for m in seeds.values()]
+    sweeps = [r["all"]["sweep"] for r in results
+              if r.get("all", {}).get("sweep") and len(r["all"]["sweep"]) == len(r.get("alphas", []))]
+    if not sweeps or len(sweeps) != len(results):
         return []
     return [{"alpha": pts[0]["alpha"], "id": stat([p["id"]["top1"] for p in pts]),
              "ood_avg": stat([p["ood_avg"]["top1"] for p in pts])} for pts in zip(*sweeps, strict=True)]
+
+
+def _mean_val_sweep(seeds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ID validation sweep that chose alpha, averaged over seeds."""
+    sweeps = [m["results"]["val_sweep"] for m in seeds.values() if m.get("results", {}).get("val_sweep")]
+    if not sweeps or len({len(v) for v in sweeps}) != 1:
+        return []
+    return [{"alpha": pts[0]["alpha"], "id": stat([p["top1"] for p in pts])} for pts in zip(*sweeps, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -207,7 +224,23 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def classification_section(name: str, table: dict[str, Any], sweeps: dict[str, Any]) -> list[str]:
+SWEEP_LABELS = {"r-adapter": "R-Adapter", "drm": "R-Adapter + DRM", "full-ft": "WiSE-FT",
+                "full-ft-drm": "WiSE-FT + DRM"}
+
+
+def val_sweep_lines(name: str, val: dict[str, Any]) -> list[str]:
+    """The ID validation accuracy at each alpha: what chose the reported alpha."""
+    n = min(len(s) for s in val.values())
+    first = next(iter(val.values()))
+    rows = [[f"{first[i]['alpha']:g}", *(pct(s[i]["id"]) for s in val.values())] for i in range(n)]
+    return [f"ID validation top-1 (%) against alpha ({name}, mean over seeds): the curve that chose each run's "
+            "alpha. Alpha 0 is the zero-shot model, alpha 1 the fine-tuned one; in between, the adapters merged "
+            "at alpha (R-Adapter) or the interpolated weights (WiSE-FT).", "",
+            *_table(["alpha", *(SWEEP_LABELS[m] for m in val)], rows), ""]
+
+
+def classification_section(name: str, table: dict[str, Any], sweeps: dict[str, Any],
+                           val: dict[str, Any] | None = None) -> list[str]:
     oods = list(next(iter(table.values()))["ood"])
     wide = len(oods) > MAX_OOD_COLUMNS
     header = ["method", "trainable params", "seeds", "alpha (ID val)", "ID", *([] if wide else oods),
@@ -221,7 +254,7 @@ def classification_section(name: str, table: dict[str, Any], sweeps: dict[str, A
                   *_table(["OOD set", *table], [[o, *(pct(r["ood"].get(o)) for r in table.values())] for o in oods]),
                   ""]
     if sweeps:
-        labels = {"r-adapter": "R-Adapter", "full-ft": "WiSE-FT"}
+        labels = SWEEP_LABELS
         cols = [(m, k) for m in sweeps for k in ("id", "ood_avg")]
         header = ["alpha", *(f"{labels[m]} {'ID' if k == 'id' else 'avg OOD'}" for m, k in cols)]
         n = min(len(s) for s in sweeps.values())
@@ -230,6 +263,8 @@ def classification_section(name: str, table: dict[str, Any], sweeps: dict[str, A
                   "alpha 1 the fine-tuned one; in between is the weight-space ensemble (R-Adapter: the adapters "
                   "merged at alpha; WiSE-FT: the interpolated weights). The reported alpha is the one chosen on ID "
                   "validation, never on these numbers.", "", *_table(header, rows), ""]
+    elif val:
+        lines += val_sweep_lines(name, val)
     return lines
 
 
@@ -285,10 +320,10 @@ def header_lines(matrix: dict[str, Any], figures: dict[str, Any], command: str) 
                   f"Evaluation: at most {_fmt_map(s.get('eval_limit', {}))} images per set (a fixed subset, the "
                   "same for every method; other benchmarks: every image).",
                   f"- **Alpha**: a grid of {s.get('eval_alphas')} points in [0, 1], chosen on the ID validation split "
-                  "(best top-1), never on test or OOD data.",
-                  f"- **Seeds**: {', '.join(map(str, matrix.get('seeds', [])))} for the classification tables, "
-                  f"{', '.join(map(str, matrix.get('extra_seeds') or matrix.get('seeds', [])[:1]))} for retrieval and "
-                  "base-to-novel; mean ± sample std over seeds. "
+                  "(best top-1), never on test or OOD data"
+                  + ("." if s.get("test_sweep", True) else "; the test and OOD sets were evaluated at the chosen "
+                     "alpha and at alpha 1 only (`--no-test-sweep`), so the curve below is the validation one."),
+                  "- **Seeds**: each row's seeds column; mean ± sample std over seeds. "
                   "Zero-shot is deterministic and runs once; so does the linear probe when its training data does "
                   "not depend on the seed."]
     for i in inv:
@@ -307,7 +342,8 @@ def header_lines(matrix: dict[str, Any], figures: dict[str, Any], command: str) 
 def render(figures: dict[str, Any], matrix: dict[str, Any], command: str) -> str:
     lines = header_lines(matrix, figures, command)
     for name, table in figures["classification"].items():
-        lines += classification_section(name, table, figures["sweeps"].get(name, {}))
+        lines += classification_section(name, table, figures["sweeps"].get(name, {}),
+                                        figures.get("val_sweeps", {}).get(name))
     for name, table in figures["retrieval"].items():
         lines += ["## Emoji retrieval: image ↔ name captions", "",
                   "Recall@1 (%): name→image (text to image) and image→name; ID = Google-style test, OOD = "
