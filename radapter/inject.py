@@ -14,6 +14,7 @@ from .adapter import Adapter
 from .config import RAdapterConfig
 from .errors import RAdapterError
 from .fingerprint import compute_fingerprint
+from .frozen_layers import lean_frozen_layers
 from .placement import SitePlan, resolve_sites
 from .sites import get_site_kind, link_fold_target
 
@@ -121,6 +122,7 @@ def attach_adapters(model: nn.Module, config: RAdapterConfig, plans: list[SitePl
         for name in adapter.param_names:
             getattr(adapter, name).requires_grad_(name != "scale" or config.learn_scale)
     model._radapter_state = AdapterState(config=config, base_fingerprint=fingerprint)
+    lean_frozen_layers(model)  # the frozen base keeps less for backward (see frozen_layers)
     log.info("radapter: %s", trainable_summary(model))
     return model
 

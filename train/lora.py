@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from radapter.config import RAdapterConfig
+from radapter.frozen_layers import lean_frozen_layers
 from radapter.placement import resolve_sites
 from radapter.sites import get_site_kind, link_fold_target
 
@@ -55,6 +56,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, config: RAdapterConfig |
         delta = LoRADelta(weight, rank, alpha)
         parametrize.register_parametrization(owner, "weight", delta)
         params += [delta.lora_A, delta.lora_B]
+    lean_frozen_layers(model)  # as for R-Adapter: the frozen layers keep less for backward
     return params
 
 

@@ -1,0 +1,128 @@
+import copy
+
+import pytest
+import torch
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+import radapter
+from radapter.frozen_layers import lean_frozen_layers
+
+
+class ConvNet(nn.Module):
+    """Conv -> BN+ReLU6 (timm) -> depthwise conv -> BN -> batch-first self-attention over pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = BatchNormAct2d(8, act_layer=nn.ReLU6)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn2(self.dw(self.bn1(self.conv1(x))))
+        tokens = h.flatten(2).transpose(1, 2)
+        return self.attn(tokens, tokens, tokens, need_weights=False)[0]
+
+
+def _frozen_pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    stock = ConvNet()
+    for bn in (stock.bn1, stock.bn2):  # non-trivial running statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    stock.eval().requires_grad_(False)
+    lean = copy.deepcopy(stock)
+    assert lean_frozen_layers(lean) == 5 and lean_frozen_layers(lean) == 0  # idempotent
+    return stock, lean
+
+
+def _saved_bytes(fn) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_lean_layers_match_stock_outputs_and_input_gradients_and_keep_less():
+    stock, lean = _frozen_pair()
+    x = torch.randn(2, 3, 16, 16)
+    xs, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yl = stock(xs), lean(xl)
+    torch.testing.assert_close(yl, ys, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ys)
+    ys.backward(g)
+    yl.backward(g)
+    torch.testing.assert_close(xl.grad, xs.grad, rtol=1e-4, atol=1e-5)
+    params = {p.untyped_storage().data_ptr() for p in lean.parameters()}
+    kept_stock = _saved_bytes(lambda: stock(x.clone().requires_grad_())) - sum(
+        p.untyped_storage().nbytes() for p in stock.parameters())
+    kept_lean = _saved_bytes(lambda: lean(x.clone().requires_grad_())) - sum(
+        p.untyped_storage().nbytes() for p in lean.parameters())
+    assert params and kept_lean < 0.7 * kept_stock, (kept_lean, kept_stock)
+
+
+def test_lean_layers_leave_inference_and_trainable_layers_alone():
+    stock, lean = _frozen_pair()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(lean(x), stock(x))  # inference: the stock forward, bit for bit
+    stock.requires_grad_(True)
+    lean.requires_grad_(True)
+    ys, yl = stock(x), lean(x)
+    assert torch.equal(yl, ys)  # trainable weights: the patches step aside
+    ys.sum().backward()
+    yl.sum().backward()
+    for (name, ps), pl in zip(stock.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(pl.grad, ps.grad, msg=name)
+    lean.train()
+    assert torch.equal(lean(x), stock.train()(x))  # BatchNorm in training mode: the stock forward
+
+
+def test_deepcopy_of_a_lean_model_uses_its_own_weights():
+    _, lean = _frozen_pair()
+    twin = copy.deepcopy(lean)
+    with torch.no_grad():
+        twin.conv1.weight.zero_()
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    assert not torch.equal(twin(x), lean(x))
+    assert twin.conv1.forward.__self__ is twin.conv1
+
+
+@pytest.mark.parametrize("model_name", [radapter.TINY_MODEL])
+def test_adapter_gradients_are_unchanged_by_the_lean_layers(model_name):
+    torch.manual_seed(0)
+    base, _, tok = radapter.load_model(model_name)
+    config = radapter.RAdapterConfig(drop_prob=0.0)
+    lean = radapter.add_adapters(copy.deepcopy(base), config)
+    assert sum(getattr(m, "_radapter_lean", False) for m in lean.modules()) > 0  # add_adapters patched the base
+    stock = copy.deepcopy(base)
+    from radapter.inject import attach_adapters, resolve_sites
+
+    # the same adapters without the patches: attach, then undo each patch
+    attach_adapters(stock, config, resolve_sites(stock, config), "x")
+    for m in stock.modules():
+        m.__dict__.pop("forward", None)
+        m._forward_pre_hooks.clear()
+    with torch.no_grad():
+        for (_, _, a), (_, _, b) in zip(radapter.iter_adapters(lean), radapter.iter_adapters(stock), strict=True):
+            a.weight.normal_(0, 0.05)
+            b.weight.copy_(a.weight)
+    images, texts = torch.randn(4, 3, 32, 32), tok(["a cat", "a dog", "a car", "a tree"])
+    grads = []
+    for model in (lean, stock):
+        model.eval()
+        for _, _, a in radapter.iter_adapters(model):
+            a.train()
+        loss = radapter.clip_loss(model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True),
+                                  torch.tensor(100.0))
+        loss.backward()
+        grads.append([p.grad for p in radapter.adapter_parameters(model)])
+    for gl, gs in zip(*grads, strict=True):
+        torch.testing.assert_close(gl, gs, rtol=1e-4, atol=1e-6)
