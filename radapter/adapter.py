@@ -16,6 +16,31 @@ from torch import nn
 from .config import RAdapterConfig
 
 
+def _matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T``, without copying a batch-first view of sequence-first memory.
+
+    ``nn.MultiheadAttention(batch_first=True)`` returns such a view; matmul would copy it
+    (and keep the copy for the backward pass) where the sequence-first product needs none.
+    """
+    if x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+        return (x.transpose(0, 1) @ w.t()).transpose(0, 1)
+    return x @ w.t()
+
+
+class _ScaleBy(torch.autograd.Function):
+    """``x * factor`` for a ``factor`` that needs no gradient: keeps only ``factor`` (small) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None
+
+
 class Adapter(nn.Module):
     """Residual branch ``s * A(x)`` acting on the feature axis of ``x``.
 
@@ -78,15 +103,22 @@ class Adapter(nn.Module):
         t = self.tensors()
         h = x.movedim(channel_dim, -1) if channel_dim not in (-1, x.dim() - 1) else x
         h = h.to(t["scale"].dtype)
+        scale, out = t["scale"], "lora_B" if self.low_rank else "weight"
+        # Nothing here keeps an activation-sized tensor that backward can do without: a learnt
+        # scale goes into the (small) matrix, a fixed one and the drop mask into one small factor.
+        mats = {**t, out: t[out] * scale} if scale.requires_grad else t
         if self.low_rank:
-            h = (h @ t["lora_A"].t()) @ t["lora_B"].t()
+            h = _matmul_t(_matmul_t(h, mats["lora_A"]), mats["lora_B"])
         else:
-            h = h @ t["weight"].t()
-        h = h * t["scale"]
+            h = _matmul_t(h, mats["weight"])
         if channel_dim not in (-1, x.dim() - 1):
             h = h.movedim(-1, channel_dim)
+        factor = None if scale.requires_grad else scale
         if self.training and self.config.drop_prob > 0:
-            h = h * self._drop_mask(x, batch_dim, channel_dim)
+            mask = self._drop_mask(x, batch_dim, channel_dim)
+            factor = mask if factor is None else factor * mask
+        if factor is not None:
+            h = _ScaleBy.apply(h, factor)
         return h.to(x.dtype)
 
     def _drop_mask(self, x: torch.Tensor, batch_dim: int, channel_dim: int) -> torch.Tensor:

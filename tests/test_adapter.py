@@ -133,3 +133,33 @@ def test_config_validation_and_roundtrip():
             radapter.RAdapterConfig(**bad)
     with pytest.raises(ValueError, match="unknown"):
         radapter.RAdapterConfig.from_dict({"rnak": 4})
+
+
+
+@pytest.mark.parametrize("learn_scale", [True, False])
+def test_adapter_backward_keeps_only_its_input_and_small_tensors(learn_scale):
+    torch.manual_seed(0)
+    adapter = Adapter(16, radapter.RAdapterConfig(learn_scale=learn_scale, drop_prob=0.5)).train()
+    adapter.scale.requires_grad_(learn_scale)
+    with torch.no_grad():
+        adapter.weight.normal_()
+    x = torch.randn(4, 50, 16, requires_grad=True)
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = adapter(x)
+    assert [n for ptr, n in kept.items() if n >= x.numel() and ptr != x.untyped_storage().data_ptr()] == []
+    # the same values and gradients as the plain formula, with the mask the draw made
+    keep = (y.detach().abs().sum(dim=(1, 2)) > 0).float().view(4, 1, 1) / 0.5
+    xr = x.detach().clone().requires_grad_()
+    ref = adapter.scale * (xr @ adapter.weight.t()) * keep
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, adapter.weight, *([adapter.scale] if learn_scale else [])], g)
+    want = torch.autograd.grad(ref, [xr, adapter.weight, *([adapter.scale] if learn_scale else [])], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
