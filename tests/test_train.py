@@ -371,7 +371,13 @@ def test_report_renders_tables_from_metrics(tmp_path):
                          "machine": {"gpu": "NVIDIA H100", "cpus": 16, "torch": "2.11", "python": "3.12"},
                          "jobs": 10, "wall_s": 400.0, "runs": {"done": 14}}]}))
     out = tmp_path / "docs" / "results.md"
-    assert main([str(root), "--out", str(out)]) == 0
+    shipped = tmp_path / "adapters"
+    shipped.mkdir()
+    (shipped / "emoji-names.sweep.json").write_text(json.dumps({
+        "benchmark": "emoji", "method": "r-adapter", "chosen_alpha": 1.0, "key": "r1", "metric": "R@1",
+        "points": [{"alpha": 0.0, "id": {"r1": 0.05}, "ood_avg": {"r1": 0.04}},
+                   {"alpha": 1.0, "id": {"r1": 0.125}, "ood_avg": {"r1": 0.1}}]}))
+    assert main([str(root), "--out", str(out), "--adapters", str(shipped)]) == 0
     md = out.read_text()
     assert "| R-Adapter | 2.08M | 0,1,2 | 0.5 | 60.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 |" in md
     assert "| full FT (FLYP) | 28.09M | 0,1,2 | 1 | 55.0 ± 10.0 |" in md  # the alpha = 1 end of the sweep
@@ -385,6 +391,7 @@ def test_report_renders_tables_from_metrics(tmp_path):
     assert "Accuracy against alpha (emoji" in md and "| 0.5 | 60.0 ± 10.0 | 50.0 ± 10.0 | 60.0 ± 10.0 |" in md
     assert "Accuracy against alpha (fmnist" not in md and "ID validation top-1 (%) against alpha (fmnist" in md
     assert "| 0.5 | 62.0 ± 10.0 |" in md
+    assert "`emoji-names` (emoji, r-adapter; R@1, %)" in md and "| 1 (chosen) | 12.5 | 10.0 |" in md
     figures = json.loads((tmp_path / "docs" / "bench" / "results.json").read_text())
     row = figures["classification"]["emoji"]["R-Adapter"]
     assert row["id"]["values"] == [0.5, 0.6, 0.7] and row["alpha"] == [0.5, 0.5, 0.5]

@@ -370,9 +370,32 @@ def render(figures: dict[str, Any], matrix: dict[str, Any], command: str) -> str
         lines += ["## What the numbers say", "",
                   "Differences of means over seeds, in percentage points; compare them with the ± columns above "
                   "before reading a winner into them.", "", *obs, ""]
-    lines += ["The shipped adapters (`adapters/`) and the commands that made them: "
-              "[adapters/README.md](../adapters/README.md).", ""]
+    lines += shipped_lines(figures.get("shipped", {}))
     return "\n".join(lines)
+
+
+def load_shipped(folder: Path) -> dict[str, Any]:
+    """The test-split alpha sweeps shipped next to the app's adapters (``NAME.sweep.json``)."""
+    return {p.name.removesuffix(".sweep.json"): json.loads(p.read_text())
+            for p in sorted(folder.glob("*.sweep.json"))} if folder.is_dir() else {}
+
+
+def shipped_lines(shipped: dict[str, Any]) -> list[str]:
+    lines = ["## The shipped adapters", "",
+             "The adapters the app offers (`adapters/`, each trained with a longer budget than the matrix: the "
+             "commands are in [adapters/README.md](../adapters/README.md)), scored on the test split at every alpha "
+             "(from each `NAME.sweep.json`). Alpha 0 is the zero-shot model, alpha 1 the adapters fully merged; "
+             "the marked alpha was chosen on ID validation.", ""]
+    if not shipped:
+        return [*lines, "No `*.sweep.json` found.", ""]
+    for name, sweep in shipped.items():
+        key, metric = sweep.get("key", "top1"), sweep.get("metric", "top-1 accuracy")
+        chosen = sweep.get("chosen_alpha")
+        rows = [[f"{p['alpha']:g}" + (" (chosen)" if chosen is not None and abs(p["alpha"] - chosen) < 1e-9 else ""),
+                 f"{100 * p['id'][key]:.1f}", f"{100 * p['ood_avg'][key]:.1f}"] for p in sweep["points"]]
+        lines += [f"`{name}` ({sweep.get('benchmark')}, {sweep.get('method')}; {metric}, %):", "",
+                  *_table(["alpha", "ID", "OOD (average)"], rows), ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", nargs="?", default="runs/matrix", help="matrix root (default: runs/matrix)")
     p.add_argument("--out", default="docs/results.md", help="markdown page (default: docs/results.md)")
     p.add_argument("--json", default=None, help="figures JSON (default: bench/results.json beside --out)")
+    p.add_argument("--adapters", default="adapters",
+                   help="shipped adapters folder, for their sweeps (default: adapters)")
     args = p.parse_args(argv)
     root = Path(args.root)
     runs = load_runs(root)
@@ -389,9 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     matrix = json.loads((root / MATRIX_FILE).read_text()) if (root / MATRIX_FILE).is_file() else {}
     figures = build_figures(runs, matrix)
+    figures["shipped"] = load_shipped(Path(args.adapters))
     out = Path(args.out)
     json_path = Path(args.json) if args.json else out.parent / "bench" / "results.json"
-    command = f"python -m train.report {args.root} --out {args.out}" + (f" --json {args.json}" if args.json else "")
+    command = (f"python -m train.report {args.root} --out {args.out}" + (f" --json {args.json}" if args.json else "")
+               + (f" --adapters {args.adapters}" if args.adapters != "adapters" else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
