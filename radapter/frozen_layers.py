@@ -45,7 +45,7 @@ class _FrozenConv2d(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conv
         grad_x = torch.ops.aten.convolution_backward(
-            grad, grad.new_empty(1).expand(shape), weight, None, stride, padding, dilation, False, [0, 0], groups,
+            grad, grad.new_empty(shape), weight, None, stride, padding, dilation, False, [0, 0], groups,
             (True, False, False))[0]
         return grad_x, None, None, None, None, None, None
 
