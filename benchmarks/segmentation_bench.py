@@ -1,6 +1,6 @@
 """Open-vocabulary segmentation on the emoji composites: ID (Google) vs OOD (Twitter) at several alphas.
 
-    python -m benchmarks.segmentation_bench --adapter adapters/emoji-categories.safetensors --limit 30
+    python -m benchmarks.segmentation_bench --adapter adapters/emoji-categories.safetensors --limit 40
 
 For each alpha: mIoU of the text-driven masks, mIoU of the text-agnostic saliency baseline
 (every class gets the same salient mask, same windows and resolution), and the own-object

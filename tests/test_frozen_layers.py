@@ -1,6 +1,5 @@
 import copy
 
-import pytest
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
@@ -60,12 +59,11 @@ def test_lean_layers_match_stock_outputs_and_input_gradients_and_keep_less():
     ys.backward(g)
     yl.backward(g)
     torch.testing.assert_close(xl.grad, xs.grad, rtol=1e-4, atol=1e-5)
-    params = {p.untyped_storage().data_ptr() for p in lean.parameters()}
     kept_stock = _saved_bytes(lambda: stock(x.clone().requires_grad_())) - sum(
         p.untyped_storage().nbytes() for p in stock.parameters())
     kept_lean = _saved_bytes(lambda: lean(x.clone().requires_grad_())) - sum(
         p.untyped_storage().nbytes() for p in lean.parameters())
-    assert params and kept_lean < 0.7 * kept_stock, (kept_lean, kept_stock)
+    assert kept_lean < 0.7 * kept_stock, (kept_lean, kept_stock)
 
 
 def test_lean_layers_leave_inference_and_trainable_layers_alone():
@@ -95,10 +93,9 @@ def test_deepcopy_of_a_lean_model_uses_its_own_weights():
     assert twin.conv1.forward.__self__ is twin.conv1
 
 
-@pytest.mark.parametrize("model_name", [radapter.TINY_MODEL])
-def test_adapter_gradients_are_unchanged_by_the_lean_layers(model_name):
+def test_adapter_gradients_are_unchanged_by_the_lean_layers():
     torch.manual_seed(0)
-    base, _, tok = radapter.load_model(model_name)
+    base, _, tok = radapter.load_model(radapter.TINY_MODEL)
     config = radapter.RAdapterConfig(drop_prob=0.0)
     lean = radapter.add_adapters(copy.deepcopy(base), config)
     assert sum(getattr(m, "_radapter_lean", False) for m in lean.modules()) > 0  # add_adapters patched the base

@@ -127,7 +127,8 @@ def build_figures(runs: Runs, matrix: dict[str, Any]) -> dict[str, Any]:
     """Everything the page shows, as data (written to the JSON)."""
     embed_dim = (matrix.get("model") or {}).get("embed_dim")
     groups = {g.name: g for g in GROUPS}
-    figures: dict[str, Any] = {"classification": {}, "retrieval": {}, "base_to_novel": {}, "sweeps": {}}
+    figures: dict[str, Any] = {"classification": {}, "retrieval": {}, "base_to_novel": {}, "sweeps": {},
+                               "val_sweeps": {}}
     for name, group in groups.items():
         kind = ("retrieval" if "--task" in group.args else "base_to_novel" if "--base-to-novel" in group.args
                 else "classification")
@@ -162,7 +163,7 @@ def build_figures(runs: Runs, matrix: dict[str, Any]) -> dict[str, Any]:
             val = {m: _mean_val_sweep(runs.get((name, m), {})) for m in ("r-adapter", "drm", "full-ft", "full-ft-drm")}
             val = {m: s for m, s in val.items() if s}
             if val:
-                figures.setdefault("val_sweeps", {})[name] = val
+                figures["val_sweeps"][name] = val
     walls = [m["_run"]["wall_s"] for seeds in runs.values() for m in seeds.values() if "_run" in m]
     figures["run_wall_s"] = stat(walls) if walls else None
     present = {g for g, _ in runs}
