@@ -16,15 +16,65 @@ from torch import nn
 from .config import RAdapterConfig
 
 
-def _matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T``, without copying a batch-first view of sequence-first memory.
-
-    ``nn.MultiheadAttention(batch_first=True)`` returns such a view; matmul would copy it
-    (and keep the copy for the backward pass) where the sequence-first product needs none.
-    """
+def _tokens_first(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., d) as a token-major view when that is free: a batch-first view of
+    sequence-first memory (what ``nn.MultiheadAttention(batch_first=True)`` returns) is
+    swapped back rather than copied."""
     if x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
-        return (x.transpose(0, 1) @ w.t()).transpose(0, 1)
-    return x @ w.t()
+        return x.transpose(0, 1)
+    return x
+
+
+class _FeatureMatmul(torch.autograd.Function):
+    """``scale * (w @ x)`` over the feature axis of ``x``: the last axis, or axis 1 of a
+    contiguous ``(N, C, L)`` tensor (``channel_first``), the result in the same layout.
+
+    Backward keeps ``x``, ``w`` and ``scale`` and forms ``scale * w`` again (``d x d``,
+    cheap) where stock autograd would keep that product. Channel-first inputs stay
+    channel-first: moving channels last would hand the frozen layers below a channels-last
+    gradient, which every conv, activation and norm backward of a CNN then copies back.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, channel_first: bool):
+        ctx.save_for_backward(x, w, scale)
+        ctx.channel_first = channel_first
+        ws = w if scale is None else w * scale
+        if channel_first:
+            return torch.matmul(ws, x)
+        if (t := _tokens_first(x)) is not x:
+            return (t @ ws.t()).transpose(0, 1)
+        return x @ ws.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, scale = ctx.saved_tensors
+        ws = w if scale is None else w * scale
+        grad_x = grad_w = grad_scale = outer = None
+        want_outer = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if ctx.channel_first:
+            grad = grad.contiguous()
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.matmul(ws.t(), grad)
+            if want_outer:
+                c, length = x.shape[1:]
+                if c <= length:  # one (C, C) product per sample: smaller than channel-major copies
+                    outer = torch.bmm(grad, x.transpose(1, 2)).sum(0)
+                else:
+                    outer = grad.transpose(0, 1).reshape(grad.shape[1], -1) @ x.transpose(0, 1).reshape(c, -1).t()
+        else:
+            t = _tokens_first(x)
+            g = grad.transpose(0, 1) if t is not x else grad
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ ws
+                grad_x = grad_x.transpose(0, 1) if t is not x else grad_x
+            if want_outer:
+                outer = g.reshape(-1, g.shape[-1]).t() @ t.reshape(-1, t.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = outer if scale is None else outer * scale
+        if ctx.needs_input_grad[2]:
+            grad_scale = (outer * w).sum().reshape(scale.shape)
+        return grad_x, grad_w, grad_scale, None
 
 
 class _ScaleBy(torch.autograd.Function):
@@ -101,17 +151,23 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor, batch_dim: int = 0, channel_dim: int = -1) -> torch.Tensor:
         t = self.tensors()
-        h = x.movedim(channel_dim, -1) if channel_dim not in (-1, x.dim() - 1) else x
-        h = h.to(t["scale"].dtype)
-        scale, out = t["scale"], "lora_B" if self.low_rank else "weight"
+        scale = t["scale"]
         # Nothing here keeps an activation-sized tensor that backward can do without: a learnt
-        # scale goes into the (small) matrix, a fixed one and the drop mask into one small factor.
-        mats = {**t, out: t[out] * scale} if scale.requires_grad else t
-        if self.low_rank:
-            h = _matmul_t(_matmul_t(h, mats["lora_A"]), mats["lora_B"])
+        # scale goes into the matrix product, a fixed one and the drop mask into one small factor.
+        learnt = scale if scale.requires_grad else None
+        mats = [(t["lora_A"], None), (t["lora_B"], learnt)] if self.low_rank else [(t["weight"], learnt)]
+        channel_dim %= x.dim()
+        channel_first = channel_dim == 1 and batch_dim % x.dim() == 0 and x.dim() >= 3 and x.is_contiguous()
+        if channel_first:
+            h = x.reshape(x.shape[0], x.shape[1], -1)
         else:
-            h = _matmul_t(h, mats["weight"])
-        if channel_dim not in (-1, x.dim() - 1):
+            h = x.movedim(channel_dim, -1) if channel_dim != x.dim() - 1 else x
+        h = h.to(scale.dtype)
+        for w, s in mats:
+            h = _FeatureMatmul.apply(h, w, s, channel_first)
+        if channel_first:
+            h = h.reshape(*x.shape[:1], h.shape[1], *x.shape[2:])
+        elif channel_dim != x.dim() - 1:
             h = h.movedim(-1, channel_dim)
         factor = None if scale.requires_grad else scale
         if self.training and self.config.drop_prob > 0:

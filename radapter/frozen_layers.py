@@ -37,15 +37,21 @@ class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)
-        ctx.conv = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        # The kernel lays its input out as it laid out the output (channels-last for a
+        # channels-last weight, say); a placeholder in another layout would be copied.
+        layout = torch.channels_last if not y.is_contiguous() and y.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
+        ctx.conv = (x.shape, layout, stride, padding, dilation, groups)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.conv
+        shape, layout, stride, padding, dilation, groups = ctx.conv
+        placeholder = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
         grad_x = torch.ops.aten.convolution_backward(
-            grad, grad.new_empty(shape), weight, None, stride, padding, dilation, False, [0, 0], groups,
+            grad, placeholder, weight, None, stride, padding, dilation, False, [0, 0], groups,
             (True, False, False))[0]
         return grad_x, None, None, None, None, None, None
 

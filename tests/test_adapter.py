@@ -153,6 +153,9 @@ def test_adapter_backward_keeps_only_its_input_and_small_tensors(learn_scale):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = adapter(x)
     assert [n for ptr, n in kept.items() if n >= x.numel() and ptr != x.untyped_storage().data_ptr()] == []
+    # nor a scaled copy of the matrix: the parameters themselves are kept
+    own = {t.untyped_storage().data_ptr() for t in (x, *adapter.parameters())}
+    assert [n for ptr, n in kept.items() if n >= adapter.weight.numel() and ptr not in own] == []
     # the same values and gradients as the plain formula, with the mask the draw made
     keep = (y.detach().abs().sum(dim=(1, 2)) > 0).float().view(4, 1, 1) / 0.5
     xr = x.detach().clone().requires_grad_()
@@ -163,3 +166,36 @@ def test_adapter_backward_keeps_only_its_input_and_small_tensors(learn_scale):
     want = torch.autograd.grad(ref, [xr, adapter.weight, *([adapter.scale] if learn_scale else [])], g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sequence_first", "batch_last_features"])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_branch_keeps_the_input_layout_and_matches_the_formula(layout, rank):
+    torch.manual_seed(0)
+    a = Adapter(8, radapter.RAdapterConfig(rank=rank, drop_prob=0.5)).train()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_()
+    x0, channel_dim = {
+        "nchw": (torch.randn(4, 8, 5, 6), 1),
+        "channels_last": (torch.randn(4, 8, 5, 6).contiguous(memory_format=torch.channels_last), 1),
+        "sequence_first": (torch.randn(7, 4, 8).transpose(0, 1), -1),  # what batch-first MHA returns
+        "batch_last_features": (torch.randn(4, 7, 8), -1),
+    }[layout]
+    x = x0.clone().requires_grad_()
+    torch.manual_seed(1)
+    y = a(x, batch_dim=0, channel_dim=channel_dim)
+    assert y.stride() == x0.stride()  # no layout change handed on to the frozen layers around it
+    g = torch.randn_like(y)
+    params = [p for p in a.parameters() if p.requires_grad]
+    got = torch.autograd.grad(y, [x, *params], g)
+    assert got[0].stride() == x0.stride()
+
+    xr = x0.clone().requires_grad_()
+    torch.manual_seed(1)
+    keep = a._drop_mask(xr, 0, channel_dim)
+    matrix = a.lora_B @ a.lora_A if rank else a.weight
+    ref = torch.einsum("oc,...c->...o", matrix, xr.movedim(channel_dim, -1)).movedim(-1, channel_dim) * a.scale * keep
+    torch.testing.assert_close(y, ref)
+    for u, v in zip(got, torch.autograd.grad(ref, [xr, *params], g), strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)

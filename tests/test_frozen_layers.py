@@ -123,3 +123,40 @@ def test_adapter_gradients_are_unchanged_by_the_lean_layers():
         grads.append([p.grad for p in radapter.adapter_parameters(model)])
     for gl, gs in zip(*grads, strict=True):
         torch.testing.assert_close(gl, gs, rtol=1e-4, atol=1e-6)
+
+
+def _copies_inside(op: str, fn) -> list[str]:
+    """Copy/clone ops that ``fn`` runs inside ``op`` (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    found = []
+    for e in prof.events():
+        if e.name in ("aten::clone", "aten::copy_"):
+            parent = e.cpu_parent
+            while parent is not None and parent.name != op:
+                parent = parent.cpu_parent
+            if parent is not None:
+                found.append(e.name)
+    return found
+
+
+def test_frozen_conv_backward_copies_nothing_for_a_channels_last_weight():
+    # Weights stored channels-last (as the offline default model's are) make the conv kernel
+    # work channels-last; the input placeholder must come in that layout or it is copied.
+    torch.manual_seed(0)
+    stock = nn.Conv2d(16, 8, 1, bias=False).requires_grad_(False)
+    w = torch.empty_strided((8, 16, 1, 1), (16, 1, 16, 16))  # a 1x1 kernel in channels-last strides
+    stock.weight.data = w.copy_(stock.weight.data)
+    lean = copy.deepcopy(stock)
+    lean_frozen_layers(lean)
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    y = lean(x)
+    assert not y.is_contiguous()  # the kernel chose channels-last
+    g = torch.randn_like(y)  # a gradient in the output's layout, as autograd hands it on
+    got = []
+    assert _copies_inside("aten::convolution_backward", lambda: got.extend(torch.autograd.grad(y, x, g))) == []
+    want = torch.autograd.grad(stock(x), x, g)[0]
+    torch.testing.assert_close(got[0], want)
+    assert got[0].stride() == want.stride()
