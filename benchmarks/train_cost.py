@@ -11,9 +11,9 @@ clip, AdamW, and the EMA update for adapters. Per model it writes
   the step allocates (the CPU allocator's running total, read with the profiler). This is
   the quantity ``torch.cuda.max_memory_allocated`` reports on a GPU (which ``--device cuda``
   uses): what training needs, independent of the allocator.
-- ``memory_ratio_rss``: peak resident memory above the libraries' own footprint. glibc keeps
-  freed tensor memory mapped once its dynamic mmap threshold rises, so this reading carries
-  retained heap on top of the tensors.
+- ``memory_ratio_rss``: peak resident memory above the libraries' own footprint. Freed memory
+  the allocator keeps for reuse (``--malloc keep``, as ``python -m train`` sets on CPU, and
+  glibc's own dynamic threshold otherwise) counts here on top of the tensors.
 - ``step_time_ratio``: median step wall time. Each method runs in its own process and the
   two take steps in turns, so load from the rest of the machine hits both alike;
   ``step_time_ratio_fastest`` compares the fastest steps, ``cpu_time_ratio`` process CPU time.
@@ -173,11 +173,15 @@ def step_flops(s: Setup) -> int:
     return counter.get_total_flops()
 
 
-def worker(model_name: str, method: str, batch: int, warmup: int, device: str) -> None:
+def worker(model_name: str, method: str, batch: int, warmup: int, device: str, malloc: str = "keep") -> None:
     """A method in its own process, stepping when told: ``step`` -> its times; ``report`` -> its memory and FLOPs.
 
     Its own process keeps its peak RSS its own and its allocator state unshared.
     """
+    if malloc == "keep":
+        import radapter
+
+        radapter.keep_freed_memory()  # as python -m train does on CPU
     baseline_mb = _rss_mb()  # the interpreter and libraries, before any model exists
     s = setup(model_name, method, batch, device)
     for _ in range(max(warmup, 1)):  # optimiser state exists from the first step on
@@ -209,8 +213,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _start_worker(name: str, method: str, batch: int, warmup: int, device: str) -> subprocess.Popen:
-    code = f"from benchmarks.train_cost import worker; worker({name!r}, {method!r}, {batch}, {warmup}, {device!r})"
+def _start_worker(name: str, method: str, batch: int, warmup: int, device: str, malloc: str) -> subprocess.Popen:
+    code = ("from benchmarks.train_cost import worker; "
+            f"worker({name!r}, {method!r}, {batch}, {warmup}, {device!r}, {malloc!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return proc
 
@@ -225,12 +230,12 @@ def _ask(proc: subprocess.Popen, command: str | None = None) -> str:
     return line.strip()
 
 
-def measure_model(name: str, batch: int, steps: int, warmup: int, device: str) -> dict:
+def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, malloc: str = "keep") -> dict:
     """Both methods in their own processes, set up one after the other, then stepping in turns."""
     procs = {}
     try:
         for m in METHODS:  # one at a time: set-up and warm-up of one do not slow the other
-            procs[m] = _start_worker(name, m, batch, warmup, device)
+            procs[m] = _start_worker(name, m, batch, warmup, device, malloc)
             _ask(procs[m])
         wall: dict[str, list[float]] = {m: [] for m in METHODS}
         cpu: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -268,12 +273,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=7, help="timed steps per method (alternating)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="CPU: glibc malloc keeps freed memory, as python -m train does (default), or glibc's defaults")
     p.add_argument("--out", default="docs/bench/train_cost.json")
     args = p.parse_args()
-    result = {"batch": args.batch, "steps": args.steps, "device": args.device,
+    result = {"batch": args.batch, "steps": args.steps, "device": args.device, "malloc": args.malloc,
               "loss": "MPM-NCE, both towers", "models": {}}
     for name in args.models:
-        result["models"][name] = measure_model(name, args.batch, args.steps, args.warmup, args.device)
+        result["models"][name] = measure_model(name, args.batch, args.steps, args.warmup, args.device, args.malloc)
         print(name, {k: round(v, 3) for k, v in result["models"][name].items() if k.endswith("ratio")}, flush=True)
     result["goals"] = {"memory_ratio": "<= 0.6", "step_time_ratio": "<= 0.7"}
     write_result(args.out, result, "benchmarks.train_cost")

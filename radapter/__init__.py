@@ -3,6 +3,7 @@
 from .adapter import Adapter
 from .checkpoint import adapter_file_info, load_adapters, save_adapters
 from .config import RAdapterConfig
+from .cpu_memory import keep_freed_memory
 from .ema import update_ema
 from .errors import CheckpointError, ModelLoadError, PlacementError, RAdapterError
 from .export import export_merged
@@ -28,7 +29,8 @@ __all__ = [
     "ModelLoadError",
     "PlacementError", "PlacementSpec", "RAdapterConfig", "RAdapterError", "ZeroShotHead", "adapter_file_info",
     "adapter_parameters", "add_adapters", "clip_loss", "compute_fingerprint", "cross_entropy", "export_merged",
-    "interpolate_weights", "iter_adapters", "list_models", "list_placements", "load_adapters", "load_model",
+    "interpolate_weights", "iter_adapters", "keep_freed_memory", "list_models", "list_placements", "load_adapters",
+    "load_model",
     "merge_adapters", "merged_alpha", "mpm_nce_loss", "register_model", "register_placement",
     "register_site_kind", "release_merge_cache", "save_adapters", "trainable_summary", "unmerge_adapters",
     "update_ema", "zero_shot_classifier",

@@ -54,7 +54,11 @@ HELP = {
     "steps": "optimiser steps (overrides --epochs)", "grad_clip": "gradient-norm clip (paper: 1)",
     "accum_steps": "gradient accumulation: optimiser step every N batches",
     "precision": "fp32, or bf16/fp16 autocast on GPU", "device": "auto, cpu, cuda, cuda:1, ...",
-    "workers": "DataLoader workers", "seed": "seed for everything (data order, captions, init, dropping)",
+    "workers": "DataLoader workers",
+    "keep_freed_memory": "on CPU, have glibc's malloc keep freed memory for reuse: no page faults after the first "
+                         "steps, about 1.6x the images/s on the default model, resident memory stays near its peak "
+                         "(--no-keep-freed-memory: glibc's defaults)",
+    "seed": "seed for everything (data order, captions, init, dropping)",
     "out_dir": "output folder: adapter.safetensors, metrics.json, sweep.png, config.json, checkpoint.pt",
     "log_every": "log a line every N steps", "ckpt_every": "write a resumable checkpoint every N steps",
     "resume": "continue from out_dir/checkpoint.pt exactly where it stopped",

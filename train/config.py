@@ -65,6 +65,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU)
     device: str = "auto"
     workers: int = 0
+    keep_freed_memory: bool = True  # CPU: glibc malloc keeps freed blocks for reuse
     seed: int = 0
     # bookkeeping
     out_dir: str = "runs/train"

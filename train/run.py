@@ -29,6 +29,8 @@ def _clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns the metrics written to ``out_dir/metrics.json``."""
     device = resolve_device(cfg)
+    if device.type == "cpu" and cfg.keep_freed_memory and radapter.keep_freed_memory():
+        log.info("malloc keeps freed memory for reuse (--no-keep-freed-memory for glibc's defaults)")
     world = init_distributed(device)
     torch.manual_seed(cfg.seed)  # also makes random-init models (tests, timing) identical across processes
     model, preprocess, tokenizer = (radapter.load_model(cfg.model, pretrained=cfg.pretrained) if cfg.model
