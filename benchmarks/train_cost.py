@@ -77,7 +77,7 @@ class Setup:
         return sum(storages.values())
 
 
-def setup(model_name: str, method: str, batch: int, device: str) -> Setup:
+def setup(model_name: str, method: str, batch: int, device: str, grad_checkpointing: bool = False) -> Setup:
     import radapter
 
     torch.manual_seed(0)
@@ -101,6 +101,10 @@ def setup(model_name: str, method: str, batch: int, device: str) -> Setup:
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    if grad_checkpointing:
+        from train.loop import enable_grad_checkpointing
+
+        enable_grad_checkpointing(model)
     model.to(device)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     return Setup(model, params, opt, (images.to(device), texts.to(device), labels.to(device)), method)
@@ -173,7 +177,8 @@ def step_flops(s: Setup) -> int:
     return counter.get_total_flops()
 
 
-def worker(model_name: str, method: str, batch: int, warmup: int, device: str, malloc: str = "keep") -> None:
+def worker(model_name: str, method: str, batch: int, warmup: int, device: str, malloc: str = "keep",
+           grad_checkpointing: bool = False) -> None:
     """A method in its own process, stepping when told: ``step`` -> its times; ``report`` -> its memory and FLOPs.
 
     Its own process keeps its peak RSS its own and its allocator state unshared.
@@ -183,7 +188,7 @@ def worker(model_name: str, method: str, batch: int, warmup: int, device: str, m
 
         radapter.keep_freed_memory()  # as python -m train does on CPU
     baseline_mb = _rss_mb()  # the interpreter and libraries, before any model exists
-    s = setup(model_name, method, batch, device)
+    s = setup(model_name, method, batch, device, grad_checkpointing)
     for _ in range(max(warmup, 1)):  # optimiser state exists from the first step on
         s.step()
     sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -213,9 +218,10 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _start_worker(name: str, method: str, batch: int, warmup: int, device: str, malloc: str) -> subprocess.Popen:
+def _start_worker(name: str, method: str, batch: int, warmup: int, device: str, malloc: str,
+                  grad_checkpointing: bool) -> subprocess.Popen:
     code = ("from benchmarks.train_cost import worker; "
-            f"worker({name!r}, {method!r}, {batch}, {warmup}, {device!r}, {malloc!r})")
+            f"worker({name!r}, {method!r}, {batch}, {warmup}, {device!r}, {malloc!r}, {grad_checkpointing!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return proc
 
@@ -230,12 +236,13 @@ def _ask(proc: subprocess.Popen, command: str | None = None) -> str:
     return line.strip()
 
 
-def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, malloc: str = "keep") -> dict:
+def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, malloc: str = "keep",
+                  grad_checkpointing: bool = False) -> dict:
     """Both methods in their own processes, set up one after the other, then stepping in turns."""
     procs = {}
     try:
         for m in METHODS:  # one at a time: set-up and warm-up of one do not slow the other
-            procs[m] = _start_worker(name, m, batch, warmup, device, malloc)
+            procs[m] = _start_worker(name, m, batch, warmup, device, malloc, grad_checkpointing)
             _ask(procs[m])
         wall: dict[str, list[float]] = {m: [] for m in METHODS}
         cpu: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -275,12 +282,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="CPU: glibc malloc keeps freed memory, as python -m train does (default), or glibc's defaults")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="both methods recompute each block in backward (python -m train --grad-checkpointing)")
     p.add_argument("--out", default="docs/bench/train_cost.json")
     args = p.parse_args()
     result = {"batch": args.batch, "steps": args.steps, "device": args.device, "malloc": args.malloc,
+              "grad_checkpointing": args.grad_checkpointing,
               "loss": "MPM-NCE, both towers", "models": {}}
     for name in args.models:
-        result["models"][name] = measure_model(name, args.batch, args.steps, args.warmup, args.device, args.malloc)
+        result["models"][name] = measure_model(name, args.batch, args.steps, args.warmup, args.device, args.malloc,
+                                               args.grad_checkpointing)
         print(name, {k: round(v, 3) for k, v in result["models"][name].items() if k.endswith("ratio")}, flush=True)
     result["goals"] = {"memory_ratio": "<= 0.6", "step_time_ratio": "<= 0.7"}
     write_result(args.out, result, "benchmarks.train_cost")

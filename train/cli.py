@@ -53,6 +53,8 @@ HELP = {
     "batch_size": "global batch size (paper: 512)", "epochs": "epochs (paper: 10)",
     "steps": "optimiser steps (overrides --epochs)", "grad_clip": "gradient-norm clip (paper: 1)",
     "accum_steps": "gradient accumulation: optimiser step every N batches",
+    "grad_checkpointing": "keep only each transformer/CNN block's input and recompute the block in backward: "
+                          "far less activation memory (large batches) for about one more forward per step",
     "precision": "fp32, or bf16/fp16 autocast on GPU", "device": "auto, cpu, cuda, cuda:1, ...",
     "workers": "DataLoader workers",
     "keep_freed_memory": "on CPU, have glibc's malloc keep freed memory for reuse: no page faults after the first "

@@ -62,6 +62,7 @@ class TrainConfig:
     steps: int | None = None  # overrides epochs
     grad_clip: float = 1.0
     accum_steps: int = 1
+    grad_checkpointing: bool = False  # recompute each block's forward in backward
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU)
     device: str = "auto"
     workers: int = 0

@@ -136,6 +136,16 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Have the towers keep only block inputs and recompute blocks in backward (open_clip's switch).
+
+    The recomputation replays the random state, so adapter dropping draws the same masks.
+    """
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch; drop --grad-checkpointing")
+    model.set_grad_checkpointing(True)
+
+
 def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: TrainConfig, device: torch.device,
                  world: Dist) -> dict[str, Any]:
     """Train ``model`` in place; returns a summary (steps, final loss, timing)."""
@@ -144,6 +154,8 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
         log.warning("--precision %s needs a GPU; training in fp32 on %s", cfg.precision, device)
     q_all = core_targets(model, tokenizer, preprocess, data, cfg) if cfg.uses_drm else None
     params = prepare_trainable(model, cfg)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
     model.to(device)
     steps = 2 if cfg.dry_run else total_steps(cfg, len(data))
     if cfg.warmup_steps >= steps and not cfg.dry_run:
