@@ -50,6 +50,9 @@ class _FeatureMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, w, scale = ctx.saved_tensors
         ws = w if scale is None else w * scale
+        # Under autocast the forward product ran in the gradient's dtype; backward runs outside
+        # autocast, so cast as it did (autograd casts the gradients back to each input's dtype).
+        x, ws = x.to(grad.dtype), ws.to(grad.dtype)
         grad_x = grad_w = grad_scale = outer = None
         want_outer = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if ctx.channel_first:
@@ -73,7 +76,7 @@ class _FeatureMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = outer if scale is None else outer * scale
         if ctx.needs_input_grad[2]:
-            grad_scale = (outer * w).sum().reshape(scale.shape)
+            grad_scale = (outer.float() * w.float()).sum().reshape(scale.shape)
         return grad_x, grad_w, grad_scale, None
 
 

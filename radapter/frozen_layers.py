@@ -50,8 +50,9 @@ class _FrozenConv2d(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         shape, layout, stride, padding, dilation, groups = ctx.conv
         placeholder = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
+        # Under autocast the forward ran in the gradient's dtype; backward runs outside it.
         grad_x = torch.ops.aten.convolution_backward(
-            grad, placeholder, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            grad, placeholder, weight.to(grad.dtype), None, stride, padding, dilation, False, [0, 0], groups,
             (True, False, False))[0]
         return grad_x, None, None, None, None, None, None
 

@@ -199,3 +199,20 @@ def test_branch_keeps_the_input_layout_and_matches_the_formula(layout, rank):
     torch.testing.assert_close(y, ref)
     for u, v in zip(got, torch.autograd.grad(ref, [xr, *params], g), strict=True):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((4, 7, 8), -1), ((4, 8, 5, 5), 1)])
+def test_branch_backward_under_autocast(shape, channel_dim):
+    # The product runs in bf16 under autocast; backward (outside autocast) must cast alike.
+    torch.manual_seed(0)
+    a = Adapter(8, radapter.RAdapterConfig(drop_prob=0.0)).train()
+    with torch.no_grad():
+        a.weight.normal_()
+    x = torch.randn(*shape, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = a(x, 0, channel_dim)
+    got = torch.autograd.grad(y.float().square().sum(), [x, a.weight, a.scale])
+    want = torch.autograd.grad(a(x, 0, channel_dim).square().sum(), [x, a.weight, a.scale])
+    for u, v in zip(got, want, strict=True):
+        assert u.dtype == v.dtype == torch.float32
+        torch.testing.assert_close(u, v, rtol=0.05, atol=0.05 * v.abs().max().item())

@@ -160,3 +160,16 @@ def test_frozen_conv_backward_copies_nothing_for_a_channels_last_weight():
     want = torch.autograd.grad(stock(x), x, g)[0]
     torch.testing.assert_close(got[0], want)
     assert got[0].stride() == want.stride()
+
+
+def test_lean_layers_backward_under_autocast_matches_stock():
+    stock, lean = _frozen_pair()
+    x = torch.randn(2, 3, 16, 16)
+    grads = []
+    for model in (stock, lean):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(xi)
+        grads.append(torch.autograd.grad(y.float().square().sum(), xi)[0])
+    assert grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05 * grads[0].abs().max().item())
