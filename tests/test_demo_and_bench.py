@@ -36,6 +36,9 @@ def test_train_cost_benchmark_script_writes_its_keys(tmp_path):
     subprocess.run([sys.executable, "-m", "benchmarks.train_cost", "--models", "radapter-tiny-vit", "--steps", "1",
                     "--warmup", "0", "--batch", "4", "--out", str(out)], check=True, capture_output=True)
     model = json.loads(out.read_text())["models"]["radapter-tiny-vit"]
-    assert {"memory_ratio", "step_time_ratio", "saved_activations_ratio", "r_adapter", "full_ft"} <= model.keys()
+    assert {"memory_ratio", "memory_ratio_rss", "step_time_ratio", "cpu_time_ratio", "flop_ratio",
+            "saved_activations_ratio", "r_adapter", "full_ft"} <= model.keys()
+    assert len(model["r_adapter"]["step_s_all"]) == 1 and model["r_adapter"]["peak_tensor_mb"] > 0
+    assert 0 < model["flop_ratio"] < 1  # adapters' extra forward costs less than full FT's weight gradients
     assert 0 < model["saved_activations_ratio"] < 1  # frozen layers and adapters keep less than full FT
     assert model["r_adapter"]["trainable_parameters"] < model["full_ft"]["trainable_parameters"]
