@@ -26,6 +26,7 @@ import open_clip
 from torch import nn
 
 from .errors import ModelLoadError
+from .text_padding import trim_text_padding
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def load_model(
     if pretrained is None and not name.startswith(("local-dir:", "hf-hub:")):
         log.warning("radapter: %s has no pretrained weights (random init)", name)
     model.eval()
+    trim_text_padding(model)
     model.radapter_model_info = ModelInfo(
         name=name_or_path,
         pretrained=pretrained,
