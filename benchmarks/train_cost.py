@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -156,15 +157,8 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
     """Each gradient of a convolution costs what its forward does (torch's formula counts a
     grouped conv's weight gradient as dense: 100x too many for a depthwise net)."""
     spatial = (x_shape if transposed else grad_out_shape)[2:]
-    forward = 2 * grad_out_shape[0] * w_shape[0] * w_shape[1] * _prod(w_shape[2:]) * _prod(spatial)
+    forward = 2 * grad_out_shape[0] * w_shape[0] * w_shape[1] * math.prod(w_shape[2:]) * math.prod(spatial)
     return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
 
 
 def step_flops(s: Setup) -> int:

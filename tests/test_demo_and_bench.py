@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from radapter.demo import run_demo
 
@@ -42,3 +43,17 @@ def test_train_cost_benchmark_script_writes_its_keys(tmp_path):
     assert 0 < model["flop_ratio"] < 1  # adapters' extra forward costs less than full FT's weight gradients
     assert 0 < model["saved_activations_ratio"] < 1  # frozen layers and adapters keep less than full FT
     assert model["r_adapter"]["trainable_parameters"] < model["full_ft"]["trainable_parameters"]
+
+
+def test_train_cost_counts_grouped_conv_gradients_like_their_forward():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.train_cost import _conv_backward_flops
+
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)  # depthwise
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    with counter:
+        conv(x).sum().backward()
+    forward = 2 * 2 * 8 * 9 * 100  # batch x channels x kernel x positions, multiply-adds
+    assert counter.get_total_flops() == 3 * forward  # forward, input gradient, weight gradient
