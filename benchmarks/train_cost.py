@@ -80,6 +80,9 @@ class Setup:
 
 def setup(model_name: str, method: str, batch: int, device: str, grad_checkpointing: bool = False) -> Setup:
     import radapter
+    from train.config import TrainConfig
+    from train.loop import enable_grad_checkpointing
+    from train.structures import prepare_trainable, set_train_mode
 
     torch.manual_seed(0)
     model, _, tok = radapter.load_model(model_name) if model_name != "default" else radapter.load_model()
@@ -88,23 +91,11 @@ def setup(model_name: str, method: str, batch: int, device: str, grad_checkpoint
     images = torch.randn(batch, 3, size, size)
     texts = tok([f"a photo of a thing number {i}." for i in range(batch)])
     labels = torch.arange(batch) % 10
-    if method == "r_adapter":
-        radapter.add_adapters(model, radapter.RAdapterConfig())
-        params = radapter.adapter_parameters(model)
-        model.eval()
-        for _, _, a in radapter.iter_adapters(model):
-            a.train()
-    else:
-        model.requires_grad_(True)
-        model.logit_scale.requires_grad_(False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    if grad_checkpointing:
-        from train.loop import enable_grad_checkpointing
-
+    # The trainable structure and train/eval modes exactly as python -m train sets them up.
+    cfg = TrainConfig(method="r-adapter" if method == "r_adapter" else "full-ft", grad_checkpointing=grad_checkpointing)
+    params = prepare_trainable(model, cfg)
+    set_train_mode(model, cfg)
+    if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     model.to(device)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
