@@ -168,9 +168,9 @@ def worker(model_name: str, method: str, batch: int, warmup: int, device: str, m
 
     Its own process keeps its peak RSS its own and its allocator state unshared.
     """
-    if malloc == "keep":
-        import radapter
+    import radapter  # before the baseline in either malloc mode: the libraries count as baseline
 
+    if malloc == "keep":
         radapter.keep_freed_memory()  # as python -m train does on CPU
     baseline_mb = _rss_mb()  # the interpreter and libraries, before any model exists
     s = setup(model_name, method, batch, device, grad_checkpointing)
