@@ -51,12 +51,16 @@ class Setup:
     opt: torch.optim.Optimizer
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     method: str
+    precision: str = "fp32"
 
     def forward(self) -> torch.Tensor:
         import radapter
+        from train.loop import autocast_context
 
         images, texts, labels = self.batch
-        return radapter.mpm_nce_loss(self.model.encode_image(images), self.model.encode_text(texts), labels)
+        with autocast_context(images.device, self.precision):  # as python -m train --precision does
+            img, txt = self.model.encode_image(images), self.model.encode_text(texts)
+        return radapter.mpm_nce_loss(img.float(), txt.float(), labels)
 
     def step(self) -> None:
         import radapter
@@ -78,7 +82,8 @@ class Setup:
         return sum(storages.values())
 
 
-def setup(model_name: str, method: str, batch: int, device: str, grad_checkpointing: bool = False) -> Setup:
+def setup(model_name: str, method: str, batch: int, device: str, grad_checkpointing: bool = False,
+          precision: str = "fp32") -> Setup:
     import radapter
     from train.config import TrainConfig
     from train.loop import enable_grad_checkpointing
@@ -99,7 +104,7 @@ def setup(model_name: str, method: str, batch: int, device: str, grad_checkpoint
         enable_grad_checkpointing(model)
     model.to(device)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    return Setup(model, params, opt, (images.to(device), texts.to(device), labels.to(device)), method)
+    return Setup(model, params, opt, (images.to(device), texts.to(device), labels.to(device)), method, precision)
 
 
 def peak_step_tensor_bytes(s: Setup) -> int:
@@ -163,7 +168,7 @@ def step_flops(s: Setup) -> int:
 
 
 def worker(model_name: str, method: str, batch: int, warmup: int, device: str, malloc: str = "keep",
-           grad_checkpointing: bool = False) -> None:
+           grad_checkpointing: bool = False, precision: str = "fp32") -> None:
     """A method in its own process, stepping when told: ``step`` -> its times; ``report`` -> its memory and FLOPs.
 
     Its own process keeps its peak RSS its own and its allocator state unshared.
@@ -173,7 +178,7 @@ def worker(model_name: str, method: str, batch: int, warmup: int, device: str, m
     if malloc == "keep":
         radapter.keep_freed_memory()  # as python -m train does on CPU
     baseline_mb = _rss_mb()  # the interpreter and libraries, before any model exists
-    s = setup(model_name, method, batch, device, grad_checkpointing)
+    s = setup(model_name, method, batch, device, grad_checkpointing, precision)
     for _ in range(max(warmup, 1)):  # optimiser state exists from the first step on
         s.step()
     sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -204,9 +209,10 @@ def _rss_mb() -> float:
 
 
 def _start_worker(name: str, method: str, batch: int, warmup: int, device: str, malloc: str,
-                  grad_checkpointing: bool) -> subprocess.Popen:
+                  grad_checkpointing: bool, precision: str) -> subprocess.Popen:
     code = ("from benchmarks.train_cost import worker; "
-            f"worker({name!r}, {method!r}, {batch}, {warmup}, {device!r}, {malloc!r}, {grad_checkpointing!r})")
+            f"worker({name!r}, {method!r}, {batch}, {warmup}, {device!r}, {malloc!r}, {grad_checkpointing!r}, "
+            f"{precision!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return proc
 
@@ -222,12 +228,12 @@ def _ask(proc: subprocess.Popen, command: str | None = None) -> str:
 
 
 def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, malloc: str = "keep",
-                  grad_checkpointing: bool = False) -> dict:
+                  grad_checkpointing: bool = False, precision: str = "fp32") -> dict:
     """Both methods in their own processes, set up one after the other, then stepping in turns."""
     procs = {}
     try:
         for m in METHODS:  # one at a time: set-up and warm-up of one do not slow the other
-            procs[m] = _start_worker(name, m, batch, warmup, device, malloc, grad_checkpointing)
+            procs[m] = _start_worker(name, m, batch, warmup, device, malloc, grad_checkpointing, precision)
             _ask(procs[m])
         wall: dict[str, list[float]] = {m: [] for m in METHODS}
         cpu: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -269,14 +275,17 @@ def main() -> None:
                    help="CPU: glibc malloc keeps freed memory, as python -m train does (default), or glibc's defaults")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="both methods recompute each block in backward (python -m train --grad-checkpointing)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: both methods' forward under bf16 autocast (python -m train --precision bf16; "
+                        "the paper trains in mixed precision)")
     p.add_argument("--out", default="docs/bench/train_cost.json")
     args = p.parse_args()
     result = {"batch": args.batch, "steps": args.steps, "device": args.device, "malloc": args.malloc,
-              "grad_checkpointing": args.grad_checkpointing,
+              "grad_checkpointing": args.grad_checkpointing, "precision": args.precision,
               "loss": "MPM-NCE, both towers", "models": {}}
     for name in args.models:
         result["models"][name] = measure_model(name, args.batch, args.steps, args.warmup, args.device, args.malloc,
-                                               args.grad_checkpointing)
+                                               args.grad_checkpointing, args.precision)
         print(name, {k: round(v, 3) for k, v in result["models"][name].items() if k.endswith("ratio")}, flush=True)
     result["goals"] = {"memory_ratio": "<= 0.6", "step_time_ratio": "<= 0.7"}
     write_result(args.out, result, "benchmarks.train_cost")

@@ -66,11 +66,15 @@ class _FeatureMatmul(torch.autograd.Function):
                 else:
                     outer = grad.transpose(0, 1).reshape(grad.shape[1], -1) @ x.transpose(0, 1).reshape(c, -1).t()
         else:
-            t = _tokens_first(x)
-            g = grad.transpose(0, 1) if t is not x else grad
+            # Work in the gradient's layout: a contiguous gradient times the matrix folds into one
+            # matrix multiply, where a transposed one becomes a batched multiply over an expanded
+            # copy of the matrix. ``x`` is copied once (for the outer product) if its layout differs.
+            g, t, swapped = grad, x, False
+            if g.dim() == 3 and not g.is_contiguous() and g.transpose(0, 1).is_contiguous():
+                g, t, swapped = g.transpose(0, 1), t.transpose(0, 1), True
             if ctx.needs_input_grad[0]:
                 grad_x = g @ ws
-                grad_x = grad_x.transpose(0, 1) if t is not x else grad_x
+                grad_x = grad_x.transpose(0, 1) if swapped else grad_x
             if want_outer:
                 outer = g.reshape(-1, g.shape[-1]).t() @ t.reshape(-1, t.shape[-1])
         if ctx.needs_input_grad[1]:
@@ -92,6 +96,28 @@ class _ScaleBy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (factor,) = ctx.saved_tensors
         return grad * factor, None
+
+
+class _AddRows(torch.autograd.Function):
+    """``x`` with ``alpha * src`` added at ``rows`` along ``dim``, in ``x``'s layout.
+
+    Keeps only ``rows`` for backward; autograd's own ``index_add`` keeps ``src`` as well (an
+    activation-sized tensor, for its shape) and returns a contiguous result.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, rows: torch.Tensor, src: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.dim, ctx.alpha = dim, alpha
+        return x.clone().index_add_(dim, rows, src, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        grad_src = grad.index_select(ctx.dim, rows) if ctx.needs_input_grad[3] else None
+        if grad_src is not None and ctx.alpha != 1.0:
+            grad_src.mul_(ctx.alpha)
+        return grad, None, None, grad_src, None
 
 
 class Adapter(nn.Module):
@@ -153,6 +179,33 @@ class Adapter(nn.Module):
         return t["scale"] * a
 
     def forward(self, x: torch.Tensor, batch_dim: int = 0, channel_dim: int = -1) -> torch.Tensor:
+        """The branch ``s * A x`` (zero for the samples or tokens adapter dropping drops)."""
+        factor = None
+        if self.training and self.config.drop_prob > 0:
+            factor = self._drop_mask(x, batch_dim, channel_dim)
+        return self._branch(x, batch_dim, channel_dim, factor)
+
+    def add_to(self, x: torch.Tensor, batch_dim: int = 0, channel_dim: int = -1) -> torch.Tensor:
+        """``x + self(x)``: a site's adapted output, with the same draw of adapter dropping.
+
+        Per-sample dropping (``drop_mode="adapter"``) in training runs the product on the kept
+        samples only and adds it back at their rows: the dropped samples' branch is zero, so
+        the result and the gradients are those of ``x + self(x)`` for ``1 - p`` of the work.
+        """
+        if not (self.training and self.config.drop_prob > 0 and self.config.drop_mode == "adapter"):
+            return x + self(x, batch_dim, channel_dim)
+        batch_dim %= x.dim()
+        keep = self._draw_keep(x, batch_dim, channel_dim)
+        rows = keep.flatten().nonzero().flatten()
+        if rows.numel() == 0:
+            return x
+        if rows.numel() == keep.numel():
+            return x + self._branch(x, batch_dim, channel_dim, keep.to(x.device))
+        rows = rows.to(x.device)
+        branch = self._branch(x.index_select(batch_dim, rows), batch_dim, channel_dim, None)
+        return _AddRows.apply(x, batch_dim, rows, branch, self._kept_factor)
+
+    def _branch(self, x: torch.Tensor, batch_dim: int, channel_dim: int, mask: torch.Tensor | None) -> torch.Tensor:
         t = self.tensors()
         scale = t["scale"]
         # Nothing here keeps an activation-sized tensor that backward can do without: a learnt
@@ -173,14 +226,21 @@ class Adapter(nn.Module):
         elif channel_dim != x.dim() - 1:
             h = h.movedim(-1, channel_dim)
         factor = None if scale.requires_grad else scale
-        if self.training and self.config.drop_prob > 0:
-            mask = self._drop_mask(x, batch_dim, channel_dim)
+        if mask is not None:
             factor = mask if factor is None else factor * mask
         if factor is not None:
             h = _ScaleBy.apply(h, factor)
         return h.to(x.dtype)
 
+    @property
+    def _kept_factor(self) -> float:
+        return 1.0 / (1.0 - self.config.drop_prob) if self.config.drop_rescale else 1.0
+
     def _drop_mask(self, x: torch.Tensor, batch_dim: int, channel_dim: int) -> torch.Tensor:
+        """The drop mask on ``x``'s device: 0 where dropped, the kept factor elsewhere."""
+        return self._draw_keep(x, batch_dim, channel_dim).to(x.device)
+
+    def _draw_keep(self, x: torch.Tensor, batch_dim: int, channel_dim: int) -> torch.Tensor:
         p = self.config.drop_prob
         batch_dim %= x.dim()
         channel_dim %= x.dim()
@@ -190,8 +250,9 @@ class Adapter(nn.Module):
         else:
             # Authors' drop-path: one draw per token position, shared across the batch.
             shape = [1 if d in (batch_dim, channel_dim) else x.shape[d] for d in range(x.dim())]
-        keep = torch.empty(shape, device=x.device).bernoulli_(1.0 - p)
-        return keep / (1.0 - p) if self.config.drop_rescale else keep
+        # Drawn on the CPU generator whatever the device: the same masks for the same seed on
+        # CPU and GPU, and add_to reads the kept rows without waiting for the GPU.
+        return torch.empty(shape, device="cpu").bernoulli_(1.0 - p) * self._kept_factor
 
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:

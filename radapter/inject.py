@@ -51,7 +51,7 @@ def _adapter_hook(module: nn.Module, args: Any, output: Any) -> Any:
     adapter: Adapter = getattr(module, ADAPTER_ATTR)
     kind = get_site_kind(adapter.site_kind)
     y = kind.output_tensor(output)
-    y = y + adapter(y, batch_dim=kind.batch_dim(module), channel_dim=kind.channel_dim(module))
+    y = adapter.add_to(y, batch_dim=kind.batch_dim(module), channel_dim=kind.channel_dim(module))
     return kind.replace_output(output, y)
 
 

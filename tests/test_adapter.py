@@ -216,3 +216,63 @@ def test_branch_backward_under_autocast(shape, channel_dim):
     for u, v in zip(got, want, strict=True):
         assert u.dtype == v.dtype == torch.float32
         torch.testing.assert_close(u, v, rtol=0.05, atol=0.05 * v.abs().max().item())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sequence_first", "batch_last_features"])
+@pytest.mark.parametrize("rank,learn_scale,rescale", [(None, True, True), (3, False, True), (None, False, False)])
+def test_add_to_runs_the_kept_samples_only_and_matches_the_full_branch(layout, rank, learn_scale, rescale):
+    torch.manual_seed(0)
+    a = Adapter(8, radapter.RAdapterConfig(rank=rank, drop_prob=0.5, learn_scale=learn_scale,
+                                           drop_rescale=rescale)).train()
+    a.scale.requires_grad_(learn_scale)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_()
+    x0, channel_dim = {
+        "nchw": (torch.randn(6, 8, 5, 6), 1),
+        "channels_last": (torch.randn(6, 8, 5, 6).contiguous(memory_format=torch.channels_last), 1),
+        "sequence_first": (torch.randn(7, 6, 8).transpose(0, 1), -1),
+        "batch_last_features": (torch.randn(6, 7, 8), -1),
+    }[layout]
+    params = [p for p in a.parameters() if p.requires_grad]
+    x = x0.clone().requires_grad_()
+    saved: list[torch.Tensor] = []
+    torch.manual_seed(3)  # this draw keeps some samples and drops others
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = a.add_to(x, 0, channel_dim)
+    assert y.stride() == x0.stride()
+    xr = x0.clone().requires_grad_()
+    torch.manual_seed(3)
+    ref = xr + a(xr, 0, channel_dim)
+    dropped = (ref - xr).detach().flatten(1).abs().amax(1) == 0
+    assert 0 < dropped.sum() < len(dropped)
+    torch.testing.assert_close(y, ref)
+    # backward keeps a copy of the kept samples' rows (and their rank-r products), nothing else of size
+    kept_rows = int((~dropped).sum()) * x0[0].numel()
+    floats = [t.numel() for t in saved if t.is_floating_point() and not any(t is p for p in a.parameters())]
+    assert sum(floats) == kept_rows + (kept_rows * rank // 8 if rank else 0)
+    g = torch.randn_like(y)
+    for u, v in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(ref, [xr, *params], g), strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_add_to_when_every_sample_is_dropped_or_kept_and_outside_training():
+    a = _trained_adapter("adapter", p=0.5)
+    x = torch.randn(3, 5, 4)
+    kept_counts = set()
+    with torch.no_grad():
+        for seed in range(40):  # draws of 3 samples at p = 0.5: all dropped, some, all kept
+            torch.manual_seed(seed)
+            y = a.add_to(x)
+            torch.manual_seed(seed)
+            ref = x + a(x)
+            torch.testing.assert_close(y, ref)
+            kept_counts.add(int((ref != x).flatten(1).any(1).sum()))
+    assert {0, 3} <= kept_counts
+    a.eval()
+    torch.testing.assert_close(a.add_to(x), x + x)  # identity adapter, no dropping at inference
+    token = _trained_adapter("token")
+    torch.manual_seed(1)
+    y = token.add_to(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, x + token(x))

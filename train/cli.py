@@ -55,7 +55,8 @@ HELP = {
     "accum_steps": "gradient accumulation: optimiser step every N batches",
     "grad_checkpointing": "keep only each transformer/CNN block's input and recompute the block in backward: "
                           "far less activation memory (large batches) for about one more forward per step",
-    "precision": "fp32, or bf16/fp16 autocast on GPU", "device": "auto, cpu, cuda, cuda:1, ...",
+    "precision": "fp32; bf16 autocast (GPU, or CPU: fast where it has AVX512-BF16/AMX); fp16 autocast (GPU)",
+    "device": "auto, cpu, cuda, cuda:1, ...",
     "workers": "DataLoader workers",
     "keep_freed_memory": "on CPU, have glibc's malloc keep freed memory for reuse: no page faults after the first "
                          "steps, about 1.6x the images/s on the default model, resident memory stays near its peak "

@@ -63,7 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     accum_steps: int = 1
     grad_checkpointing: bool = False  # recompute each block's forward in backward
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU or CPU) | fp16 (autocast, GPU)
     device: str = "auto"
     workers: int = 0
     keep_freed_memory: bool = True  # CPU: glibc malloc keeps freed blocks for reuse

@@ -130,10 +130,23 @@ def core_targets(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
     return normalise_core(affinity, torch.as_tensor(data.labels), cfg, logit_scale(model))
 
 
-def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+def autocast_context(device: torch.device, precision: str):
+    """The forward's mixed-precision context: bf16 autocast on GPU or CPU, fp16 on GPU, else none.
+
+    ``run_training`` warns where the precision does not apply (fp16 on CPU) or runs slowly
+    (bf16 on a CPU without native bf16 instructions).
+    """
+    if precision == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:
@@ -150,8 +163,10 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
                  world: Dist) -> dict[str, Any]:
     """Train ``model`` in place; returns a summary (steps, final loss, timing)."""
     out = Path(cfg.out_dir)
-    if cfg.precision != "fp32" and device.type != "cuda":
-        log.warning("--precision %s needs a GPU; training in fp32 on %s", cfg.precision, device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        log.warning("--precision fp16 needs a GPU; training in fp32 on %s (bf16 autocast runs on CPU)", device)
+    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("--precision bf16: this CPU has no native bf16 instructions; autocast will be slower than fp32")
     q_all = core_targets(model, tokenizer, preprocess, data, cfg) if cfg.uses_drm else None
     params = prepare_trainable(model, cfg)
     if cfg.grad_checkpointing:
@@ -194,7 +209,7 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
         step = micro // cfg.accum_steps
         images = images.to(device)
         labels = labels_all[index].to(device)
-        with _autocast(device, cfg.precision):
+        with autocast_context(device, cfg.precision):
             if cfg.uses_drm:
                 img, class_txt = encoder(images, class_tokens)
                 loss, extra = drm_loss(img.float(), class_txt.float(), labels, q_all[index].to(device), cfg, scale)
