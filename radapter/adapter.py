@@ -197,11 +197,11 @@ class Adapter(nn.Module):
         batch_dim %= x.dim()
         keep = self._draw_keep(x, batch_dim, channel_dim)
         rows = keep.flatten().nonzero().flatten()
-        if rows.numel() == 0:
-            return x
+        # No rows kept still runs (an empty product): the parameters get a zero gradient, as with
+        # the mask, so AdamW's momentum and DDP's gradient reduction see them every step.
         if rows.numel() == keep.numel():
-            return x + self._branch(x, batch_dim, channel_dim, keep.to(x.device))
-        rows = rows.to(x.device)
+            return x + self._branch(x, batch_dim, channel_dim, keep.to(x.device, non_blocking=True))
+        rows = rows.to(x.device, non_blocking=True)
         branch = self._branch(x.index_select(batch_dim, rows), batch_dim, channel_dim, None)
         return _AddRows.apply(x, batch_dim, rows, branch, self._kept_factor)
 
@@ -215,7 +215,7 @@ class Adapter(nn.Module):
         channel_dim %= x.dim()
         channel_first = channel_dim == 1 and batch_dim % x.dim() == 0 and x.dim() >= 3 and x.is_contiguous()
         if channel_first:
-            h = x.reshape(x.shape[0], x.shape[1], -1)
+            h = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
         else:
             h = x.movedim(channel_dim, -1) if channel_dim != x.dim() - 1 else x
         h = h.to(scale.dtype)
@@ -238,7 +238,8 @@ class Adapter(nn.Module):
 
     def _drop_mask(self, x: torch.Tensor, batch_dim: int, channel_dim: int) -> torch.Tensor:
         """The drop mask on ``x``'s device: 0 where dropped, the kept factor elsewhere."""
-        return self._draw_keep(x, batch_dim, channel_dim).to(x.device)
+        # non_blocking: the GPU need not finish its queued work before a small host tensor goes up
+        return self._draw_keep(x, batch_dim, channel_dim).to(x.device, non_blocking=True)
 
     def _draw_keep(self, x: torch.Tensor, batch_dim: int, channel_dim: int) -> torch.Tensor:
         p = self.config.drop_prob

@@ -256,23 +256,27 @@ def test_add_to_runs_the_kept_samples_only_and_matches_the_full_branch(layout, r
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
 
 
-def test_add_to_when_every_sample_is_dropped_or_kept_and_outside_training():
+@pytest.mark.parametrize("shape,channel_dim", [((3, 5, 4), -1), ((3, 4, 2, 2), 1)])
+def test_add_to_when_every_sample_is_dropped_or_kept_and_outside_training(shape, channel_dim):
     a = _trained_adapter("adapter", p=0.5)
-    x = torch.randn(3, 5, 4)
+    x = torch.randn(*shape)
     kept_counts = set()
-    with torch.no_grad():
-        for seed in range(40):  # draws of 3 samples at p = 0.5: all dropped, some, all kept
-            torch.manual_seed(seed)
-            y = a.add_to(x)
-            torch.manual_seed(seed)
-            ref = x + a(x)
-            torch.testing.assert_close(y, ref)
-            kept_counts.add(int((ref != x).flatten(1).any(1).sum()))
+    for seed in range(40):  # draws of 3 samples at p = 0.5: all dropped, some, all kept
+        torch.manual_seed(seed)
+        y = a.add_to(x, 0, channel_dim)
+        torch.manual_seed(seed)
+        ref = x + a(x, 0, channel_dim)
+        torch.testing.assert_close(y, ref)
+        kept_counts.add(int((ref != x).flatten(1).any(1).sum()))
+        # a gradient (zero when every sample dropped the adapter) every step, as with the mask
+        got, want = (torch.autograd.grad(t.sum(), a.weight) for t in (y, ref))
+        torch.testing.assert_close(got[0], want[0])
     assert {0, 3} <= kept_counts
     a.eval()
-    torch.testing.assert_close(a.add_to(x), x + x)  # identity adapter, no dropping at inference
+    torch.testing.assert_close(a.add_to(x, 0, channel_dim), x + x)  # identity adapter, no dropping at inference
     token = _trained_adapter("token")
-    torch.manual_seed(1)
-    y = token.add_to(x)
-    torch.manual_seed(1)
-    torch.testing.assert_close(y, x + token(x))
+    if channel_dim == -1:
+        torch.manual_seed(1)
+        y = token.add_to(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(y, x + token(x))
