@@ -109,7 +109,11 @@ class _AddRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, dim: int, rows: torch.Tensor, src: torch.Tensor, alpha: float) -> torch.Tensor:
         ctx.save_for_backward(rows)
         ctx.dim, ctx.alpha = dim, alpha
-        return x.clone().index_add_(dim, rows, src, alpha=alpha)
+        out = x.clone()
+        if torch.are_deterministic_algorithms_enabled():
+            # CUDA's index_add_ adds with atomics, which deterministic mode refuses; rows are unique
+            return out.index_copy_(dim, rows, x.index_select(dim, rows).add_(src, alpha=alpha))
+        return out.index_add_(dim, rows, src, alpha=alpha)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

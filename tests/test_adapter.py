@@ -280,3 +280,21 @@ def test_add_to_when_every_sample_is_dropped_or_kept_and_outside_training(shape,
         y = token.add_to(x)
         torch.manual_seed(1)
         torch.testing.assert_close(y, x + token(x))
+
+
+def test_add_to_under_deterministic_algorithms_gives_the_same_result():
+    a = _trained_adapter("adapter", p=0.5)
+    x = torch.randn(6, 5, 4, requires_grad=True)
+    outs = []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            torch.manual_seed(3)
+            y = a.add_to(x)
+            outs.append((y, *torch.autograd.grad(y.square().sum(), [x, a.weight])))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    dropped = int(((outs[0][0] - x).detach().flatten(1).abs().amax(1) == 0).sum())
+    assert 0 < dropped < 6  # the draw takes the row-subset path
+    for u, v in zip(*outs, strict=True):
+        torch.testing.assert_close(u, v)
