@@ -168,7 +168,21 @@ def test_adapter_backward_keeps_only_its_input_and_small_tensors(learn_scale):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sequence_first", "batch_last_features"])
+LAYOUTS = ["nchw", "channels_last", "sequence_first", "batch_last_features"]
+
+
+def _input_in_layout(layout: str, batch: int) -> tuple[torch.Tensor, int]:
+    """An input with 8 features in ``layout``, and its feature axis."""
+    if layout == "nchw":
+        return torch.randn(batch, 8, 5, 6), 1
+    if layout == "channels_last":
+        return torch.randn(batch, 8, 5, 6).contiguous(memory_format=torch.channels_last), 1
+    if layout == "sequence_first":  # what batch-first MHA returns
+        return torch.randn(7, batch, 8).transpose(0, 1), -1
+    return torch.randn(batch, 7, 8), -1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rank", [None, 3])
 def test_branch_keeps_the_input_layout_and_matches_the_formula(layout, rank):
     torch.manual_seed(0)
@@ -176,12 +190,7 @@ def test_branch_keeps_the_input_layout_and_matches_the_formula(layout, rank):
     with torch.no_grad():
         for p in a.parameters():
             p.normal_()
-    x0, channel_dim = {
-        "nchw": (torch.randn(4, 8, 5, 6), 1),
-        "channels_last": (torch.randn(4, 8, 5, 6).contiguous(memory_format=torch.channels_last), 1),
-        "sequence_first": (torch.randn(7, 4, 8).transpose(0, 1), -1),  # what batch-first MHA returns
-        "batch_last_features": (torch.randn(4, 7, 8), -1),
-    }[layout]
+    x0, channel_dim = _input_in_layout(layout, batch=4)
     x = x0.clone().requires_grad_()
     torch.manual_seed(1)
     y = a(x, batch_dim=0, channel_dim=channel_dim)
@@ -218,7 +227,7 @@ def test_branch_backward_under_autocast(shape, channel_dim):
         torch.testing.assert_close(u, v, rtol=0.05, atol=0.05 * v.abs().max().item())
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sequence_first", "batch_last_features"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rank,learn_scale,rescale", [(None, True, True), (3, False, True), (None, False, False)])
 def test_add_to_runs_the_kept_samples_only_and_matches_the_full_branch(layout, rank, learn_scale, rescale):
     torch.manual_seed(0)
@@ -228,12 +237,7 @@ def test_add_to_runs_the_kept_samples_only_and_matches_the_full_branch(layout, r
     with torch.no_grad():
         for p in a.parameters():
             p.normal_()
-    x0, channel_dim = {
-        "nchw": (torch.randn(6, 8, 5, 6), 1),
-        "channels_last": (torch.randn(6, 8, 5, 6).contiguous(memory_format=torch.channels_last), 1),
-        "sequence_first": (torch.randn(7, 6, 8).transpose(0, 1), -1),
-        "batch_last_features": (torch.randn(6, 7, 8), -1),
-    }[layout]
+    x0, channel_dim = _input_in_layout(layout, batch=6)
     params = [p for p in a.parameters() if p.requires_grad]
     x = x0.clone().requires_grad_()
     saved: list[torch.Tensor] = []
