@@ -16,7 +16,8 @@ clip, AdamW, and the EMA update for adapters. Per model it writes
   glibc's own dynamic threshold otherwise) counts here on top of the tensors.
 - ``step_time_ratio``: median step wall time. Each method runs in its own process and the
   two take steps in turns, so load from the rest of the machine hits both alike;
-  ``step_time_ratio_fastest`` compares the fastest steps, ``cpu_time_ratio`` process CPU time.
+  ``step_time_ratio_fastest`` compares the fastest steps, ``cpu_time_ratio`` process CPU time;
+  each method's ``forward_s``, ``backward_s`` and ``optimizer_s`` (clip, AdamW, EMA) are medians too.
 - ``flop_ratio``: matmul/conv FLOPs of one step (torch's FlopCounterMode), the step-time
   ratio a compute-bound machine tends to; and ``saved_activations_ratio``: what autograd
   keeps for backward after one forward (exact).
@@ -62,15 +63,25 @@ class Setup:
             img, txt = self.model.encode_image(images), self.model.encode_text(texts)
         return radapter.mpm_nce_loss(img.float(), txt.float(), labels)
 
-    def step(self) -> None:
+    def step(self) -> dict[str, float]:
+        """One optimiser step; returns the seconds of its phases (forward, backward, optimiser)."""
         import radapter
 
+        sync: Callable[[], None] = torch.cuda.synchronize if self.batch[0].is_cuda else (lambda: None)
         self.opt.zero_grad(set_to_none=True)
-        self.forward().backward()
+        t0 = time.perf_counter()
+        loss = self.forward()
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         if self.method == "r_adapter":
             radapter.update_ema(self.model)
+        sync()
+        return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": time.perf_counter() - t2}
 
     def live_tensor_bytes(self) -> int:
         """Bytes of every tensor alive between steps: weights, buffers, optimiser state, gradients, the batch."""
@@ -187,9 +198,9 @@ def worker(model_name: str, method: str, batch: int, warmup: int, device: str, m
         if line.strip() == "step":
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            s.step()
+            phases = s.step()
             sync()
-            print(json.dumps([time.perf_counter() - t0, time.process_time() - c0]), flush=True)
+            print(json.dumps([time.perf_counter() - t0, time.process_time() - c0, phases]), flush=True)
             continue
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         # Read after the RSS peak: the probes below allocate on their own.
@@ -237,11 +248,13 @@ def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, m
             _ask(procs[m])
         wall: dict[str, list[float]] = {m: [] for m in METHODS}
         cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+        phases: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
         for i in range(steps):
             for m in METHODS if i % 2 == 0 else METHODS[::-1]:
-                w, c = json.loads(_ask(procs[m], "step"))
+                w, c, ph = json.loads(_ask(procs[m], "step"))
                 wall[m].append(w)
                 cpu[m].append(c)
+                phases[m].append(ph)
         runs = {m: json.loads(_ask(procs[m], "report")) for m in METHODS}
     finally:
         for proc in procs.values():
@@ -249,7 +262,8 @@ def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, m
             proc.wait()
     for m in METHODS:
         runs[m].update(step_s=statistics.median(wall[m]), step_cpu_s=statistics.median(cpu[m]),
-                       images_per_s=batch / statistics.median(wall[m]), step_s_all=wall[m])
+                       images_per_s=batch / statistics.median(wall[m]), step_s_all=wall[m],
+                       **{k: statistics.median(p[k] for p in phases[m]) for k in phases[m][0]})
     ra, ft = runs["r_adapter"], runs["full_ft"]
     return {
         "r_adapter": ra, "full_ft": ft,
