@@ -68,6 +68,7 @@ class Setup:
         import radapter
 
         sync: Callable[[], None] = torch.cuda.synchronize if self.batch[0].is_cuda else (lambda: None)
+        # Synchronised after each phase, so a step's time ends with its work on a GPU too.
         self.opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         loss = self.forward()
@@ -192,14 +193,11 @@ def worker(model_name: str, method: str, batch: int, warmup: int, device: str, m
     s = setup(model_name, method, batch, device, grad_checkpointing, precision)
     for _ in range(max(warmup, 1)):  # optimiser state exists from the first step on
         s.step()
-    sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
-            sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            phases = s.step()
-            sync()
+            phases = s.step()  # synchronises with the device before it returns
             print(json.dumps([time.perf_counter() - t0, time.process_time() - c0, phases]), flush=True)
             continue
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

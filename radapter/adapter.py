@@ -69,9 +69,9 @@ class _FeatureMatmul(torch.autograd.Function):
             # Work in the gradient's layout: a contiguous gradient times the matrix folds into one
             # matrix multiply, where a transposed one becomes a batched multiply over an expanded
             # copy of the matrix. ``x`` is copied once (for the outer product) if its layout differs.
-            g, t, swapped = grad, x, False
-            if g.dim() == 3 and not g.is_contiguous() and g.transpose(0, 1).is_contiguous():
-                g, t, swapped = g.transpose(0, 1), t.transpose(0, 1), True
+            g = _tokens_first(grad)
+            swapped = g is not grad
+            t = x.transpose(0, 1) if swapped else x
             if ctx.needs_input_grad[0]:
                 grad_x = g @ ws
                 grad_x = grad_x.transpose(0, 1) if swapped else grad_x
@@ -198,7 +198,6 @@ class Adapter(nn.Module):
         """
         if not (self.training and self.config.drop_prob > 0 and self.config.drop_mode == "adapter"):
             return x + self(x, batch_dim, channel_dim)
-        batch_dim %= x.dim()
         keep = self._draw_keep(x, batch_dim, channel_dim)
         rows = keep.flatten().nonzero().flatten()
         # No rows kept still runs (an empty product): the parameters get a zero gradient, as with
