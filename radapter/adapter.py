@@ -84,20 +84,6 @@ class _FeatureMatmul(torch.autograd.Function):
         return grad_x, grad_w, grad_scale, None
 
 
-class _ScaleBy(torch.autograd.Function):
-    """``x * factor`` for a ``factor`` that needs no gradient: keeps only ``factor`` (small) for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(factor)
-        return x * factor
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (factor,) = ctx.saved_tensors
-        return grad * factor, None
-
-
 class _AddRows(torch.autograd.Function):
     """``x`` with ``alpha * src`` added at ``rows`` along ``dim``, in ``x``'s layout.
 
@@ -124,6 +110,16 @@ class _AddRows(torch.autograd.Function):
         return grad, None, None, grad_src, None
 
 
+@torch.no_grad()
+def lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+    """``a <- a + weight * (b - a)`` for every ``(a, b)``, in one fused call."""
+    targets = [a for a, _ in pairs]
+    torch._foreach_lerp_(targets, [b for _, b in pairs], weight)
+    # The merge cache keys on tensor versions; a foreach op under a dispatch mode (e.g. the
+    # FLOP counter) leaves them as they were.
+    torch.autograd.graph.increment_version(targets)
+
+
 class Adapter(nn.Module):
     """Residual branch ``s * A(x)`` acting on the feature axis of ``x``.
 
@@ -137,7 +133,7 @@ class Adapter(nn.Module):
         self.features = features
         self.config = config
         rank = config.rank
-        self.low_rank = rank is not None and rank < features
+        self.low_rank = config.is_low_rank(features)
         if self.low_rank:
             # LoRA-style init: B = 0 keeps the product at zero while A gets gradients.
             self.lora_A = nn.Parameter(torch.empty(rank, features))
@@ -153,8 +149,7 @@ class Adapter(nn.Module):
         self.site_path = ""
         self.site_kind = "linear"
         self.tower = ""
-        self.hook_handle = None
-        self._merge_cache = None
+        self._merge_cache = None  # radapter.merge's products for this adapter
         # A buffer, so a resumed run continues the EMA warm-up where it stopped.
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
 
@@ -232,7 +227,7 @@ class Adapter(nn.Module):
         if mask is not None:
             factor = mask if factor is None else factor * mask
         if factor is not None:
-            h = _ScaleBy.apply(h, factor)
+            h = h * factor  # stock autograd keeps only ``factor`` here: ``h`` needs no gradient of it
         return h.to(x.dtype)
 
     @property
@@ -258,14 +253,19 @@ class Adapter(nn.Module):
         # CPU and GPU, and add_to reads the kept rows without waiting for the GPU.
         return torch.empty(shape, device="cpu").bernoulli_(1.0 - p) * self._kept_factor
 
+    def ema_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(ema copy, live tensor)`` for every adapter tensor (empty without EMA)."""
+        if not self.has_ema:
+            return []
+        return [(getattr(self, f"ema_{n}"), getattr(self, n).detach()) for n in self.param_names]
+
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
         """``ema <- m * ema + (1 - m) * live`` for every adapter tensor."""
-        if not self.has_ema:
-            return
-        for n in self.param_names:
-            getattr(self, f"ema_{n}").lerp_(getattr(self, n).detach(), 1.0 - momentum)
-        self.ema_updates += 1
+        pairs = self.ema_pairs()
+        if pairs:
+            lerp_all(pairs, 1.0 - momentum)
+            self.ema_updates += 1
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,14 +1,15 @@
 """Adapter files: safetensors with the base model's fingerprint and the adapter config.
 
 Only adapter tensors are stored (the EMA copy by default), with string metadata:
-``format``, ``format_version``, ``base_model``, ``base_fingerprint``, ``adapter_config``
-(JSON), ``default_alpha``, ``training`` (JSON) and any extra user metadata (JSON).
+``format``, ``format_version``, ``base_model``, ``base_fingerprint``, ``base_dtype``,
+``adapter_config`` (JSON, with the default alpha), ``default_alpha`` (a copy), ``training`` (JSON) and any extra user metadata (JSON).
 Files are never unpickled, and a file that does not fit the model changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,22 @@ from torch import nn
 from .atomic import atomic_path
 from .config import RAdapterConfig
 from .errors import CheckpointError, PlacementError
-from .fingerprint import compute_fingerprint
-from .inject import adapter_state, attach_adapters, iter_adapters, require_state
-from .merge import merge_adapters, unmerge_adapters
+from .fingerprint import compute_fingerprint, float_dtype
+from .inject import DEFAULT_ADAPTER, adapter_state, attach_adapters, iter_adapters, require_state
+from .merge import merge_adapters
 from .models import model_info
 from .placement import resolve_sites
 
 FORMAT = "radapter-adapters"
 FORMAT_VERSION = "1"
 _RESERVED = {
-    "format", "format_version", "base_model", "base_fingerprint", "adapter_config", "default_alpha", "training",
+    "format", "format_version", "base_model", "base_fingerprint", "base_dtype", "adapter_config", "default_alpha",
+    "training",
 }
 
 
 def _tensor_shapes(path: str, config: RAdapterConfig, features: int) -> dict[str, tuple[int, ...]]:
-    low_rank = config.rank is not None and config.rank < features
-    if low_rank:
+    if config.is_low_rank(features):
         return {
             f"{path}.lora_A": (config.rank, features),
             f"{path}.lora_B": (features, config.rank),
@@ -53,8 +54,16 @@ def save_adapters(
     training: dict[str, Any] | None = None,
     **meta: Any,
 ) -> Path:
-    """Write the adapters (EMA copy by default) of ``model`` to a safetensors file, atomically."""
+    """Write the active set's adapters (EMA copy by default) of ``model`` to a safetensors file, atomically.
+
+    ``default_alpha`` (default: the set's config) is stored in the saved adapter config, the
+    one value ``load_adapters`` + ``merge_adapters()`` use.
+    """
     state = require_state(model)
+    try:
+        config = replace(state.config, **({} if default_alpha is None else {"default_alpha": default_alpha}))
+    except ValueError as e:
+        raise ValueError(f"cannot save {path}: {e}") from None
     tensors: dict[str, torch.Tensor] = {}
     for site, _, adapter in iter_adapters(model):
         for name, t in adapter.tensors(use_ema).items():
@@ -68,8 +77,9 @@ def save_adapters(
         "format_version": FORMAT_VERSION,
         "base_model": info.name if info else type(model).__name__,
         "base_fingerprint": state.base_fingerprint,
-        "adapter_config": state.config.to_json(),
-        "default_alpha": str(state.config.default_alpha if default_alpha is None else float(default_alpha)),
+        "base_dtype": float_dtype(model) or "",
+        "adapter_config": config.to_json(),
+        "default_alpha": str(config.default_alpha),  # a copy for readers of the metadata alone
         "training": json.dumps(training or {}, sort_keys=True, default=str),
         **{k: json.dumps(v, default=str) for k, v in meta.items()},
     }
@@ -80,7 +90,7 @@ def save_adapters(
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Read metadata and tensors of an adapter file, checking that it is one."""
+    """Read metadata and tensors of an adapter file, checking that it is one and that its values are sane."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"adapter file not found: {path}")
@@ -95,56 +105,90 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has adapter format version {metadata.get('format_version')!r}; "
                               f"this radapter reads version {FORMAT_VERSION}")
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite values (NaN or inf) in {bad[:3]}")
     return metadata, tensors
 
 
 def adapter_file_info(path: str | Path) -> dict[str, Any]:
     """Decoded metadata of an adapter file (config, base model, default alpha, training summary)."""
-    return _decode(*read_adapter_file(path))
+    return _decode(path, *read_adapter_file(path))
 
 
-def _decode(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _file_config(path: str | Path, metadata: dict[str, str]) -> RAdapterConfig:
+    """The file's adapter config; its ``default_alpha`` is the metadata's where both exist (files
+    written before the config carried it)."""
+    try:
+        data = json.loads(metadata["adapter_config"])
+        if "default_alpha" in metadata:
+            data["default_alpha"] = float(metadata["default_alpha"])
+        return RAdapterConfig.from_dict(data)
+    except KeyError:
+        raise CheckpointError(f"{path} has no adapter_config") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} has an invalid adapter config ({e})") from None
+
+
+def _decode(path: str | Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    config = _file_config(path, metadata)
     out: dict[str, Any] = dict(metadata)
-    out["adapter_config"] = json.loads(metadata["adapter_config"])
-    out["training"] = json.loads(metadata.get("training", "{}"))
-    out["default_alpha"] = float(metadata.get("default_alpha", "nan"))
+    out["adapter_config"] = config.to_dict()
+    try:
+        out["training"] = json.loads(metadata.get("training", "{}"))
+    except ValueError:
+        raise CheckpointError(f"{path} has a 'training' field that is not JSON") from None
+    out["default_alpha"] = config.default_alpha
     out["num_tensors"] = len(tensors)
     out["num_parameters"] = sum(t.numel() for t in tensors.values())
     return out
 
 
-def load_adapters(model: nn.Module, path: str | Path, *, check_base: bool = True) -> dict[str, Any]:
-    """Load an adapter file into ``model`` (adding the adapters first if it has none).
+def _base_mismatch(path: str | Path, metadata: dict[str, str], model: nn.Module, fingerprint: str) -> str:
+    msg = (f"{path} was trained on base model {metadata.get('base_model')!r} "
+           f"(fingerprint {metadata.get('base_fingerprint', '?')[:12]}), not on this model ({fingerprint[:12]})")
+    want, have = metadata.get("base_dtype") or "float32", float_dtype(model)
+    if have is not None and have != want:
+        msg += (f"; this model's weights are {have} and the adapters were trained on {want} weights: load the base "
+                f"in {want}, load the adapters, then cast the model")
+    return msg
 
-    Checks the base-model fingerprint, the config and every tensor name and shape
-    before touching the model: on any mismatch it raises :class:`CheckpointError` and
-    the model is unchanged. A merged model is re-merged at the same alpha.
-    Returns the decoded metadata.
+
+def load_adapters(model: nn.Module, path: str | Path, *, check_base: bool = True,
+                  adapter_name: str | None = None) -> dict[str, Any]:
+    """Load an adapter file into ``model``.
+
+    Into the active set by default (adding the adapters first if the model has none), or
+    into the set ``adapter_name``, which is added beside the others if it is new (see
+    :func:`radapter.set_adapter`). Checks the base-model fingerprint, the config and every
+    tensor name, shape and value before touching the model: on any mismatch it raises
+    :class:`CheckpointError` and the model is unchanged. A merged set is re-merged at the
+    same alphas. Returns the decoded metadata.
     """
     metadata, tensors = read_adapter_file(path)
-    try:
-        config = RAdapterConfig.from_json(metadata["adapter_config"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} has an invalid adapter_config ({e})") from None
+    info = _decode(path, metadata, tensors)
+    config = _file_config(path, metadata)
     state = adapter_state(model)
     fingerprint = state.base_fingerprint if state else compute_fingerprint(model)
     if check_base and metadata.get("base_fingerprint") != fingerprint:
-        raise CheckpointError(
-            f"{path} was trained on base model {metadata.get('base_model')!r} "
-            f"(fingerprint {metadata.get('base_fingerprint', '?')[:12]}), not on this model ({fingerprint[:12]})"
-        )
-    if state is None:
+        raise CheckpointError(_base_mismatch(path, metadata, model, fingerprint))
+    target = None
+    if state is not None:
+        name = state.active if adapter_name is None else adapter_name
+        target = state.sets.get(name)
+    if target is None:
         try:
             plans = resolve_sites(model, config)
             sites = [(p.path, p.features) for p in plans]
         except PlacementError as e:
             raise CheckpointError(f"{path} does not fit this model: {e}") from None
     else:
-        if state.config.rank != config.rank:
+        if target.config.rank != config.rank:
             raise CheckpointError(
-                f"{path} holds rank-{config.rank} adapters; this model has rank-{state.config.rank} ones"
+                f"{path} holds rank-{config.rank} adapters; this model's set {target.name!r} has "
+                f"rank-{target.config.rank} ones"
             )
-        sites = [(p, a.features) for p, _, a in iter_adapters(model)]
+        sites = [(site.path, adapter.features) for site, adapter in target.adapters()]
     expected: dict[str, tuple[int, ...]] = {}
     for site, features in sites:
         expected.update(_tensor_shapes(site, config, features))
@@ -155,13 +199,14 @@ def load_adapters(model: nn.Module, path: str | Path, *, check_base: bool = True
         wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])[:3]
         raise CheckpointError(f"{path} does not fit this model's adapter sites "
                               f"(missing {missing}, unexpected {extra}, wrong shape {wrong})")
-    if state is None:
-        attach_adapters(model, config, plans, fingerprint)
-    alpha = require_state(model).merged_alpha
-    if alpha is not None:
-        unmerge_adapters(model)
-    for site, _, adapter in iter_adapters(model):
-        adapter.load_tensors({n: tensors[f"{site}.{n}"] for n in adapter.param_names})
-    if alpha is not None:
-        merge_adapters(model, alpha)
-    return _decode(metadata, tensors)
+    if target is None:
+        attach_adapters(model, config, plans, fingerprint, adapter_name=adapter_name or DEFAULT_ADAPTER)
+        state = require_state(model)
+        target = state.sets[adapter_name or DEFAULT_ADAPTER]
+    else:
+        target.config = replace(target.config, default_alpha=config.default_alpha)
+    for site, adapter in target.adapters():
+        adapter.load_tensors({n: tensors[f"{site.path}.{n}"] for n in adapter.param_names})
+    if target.name == state.active and state.merged:
+        merge_adapters(model, dict(state.merged))
+    return info

@@ -56,9 +56,16 @@ class RAdapterConfig:
             raise ValueError(f"drop_mode must be 'adapter' or 'token', got {self.drop_mode!r}")
         if self.ema_momentum is not None and not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1) or None, got {self.ema_momentum}")
+        if not isinstance(self.default_alpha, int | float) or not 0.0 <= self.default_alpha <= 1.0:
+            raise ValueError(f"default_alpha must be a number in [0, 1], got {self.default_alpha!r}")
+        self.default_alpha = float(self.default_alpha)
         bad = [t for t in self.towers if t not in ("image", "text")]
         if bad or not self.towers:
             raise ValueError(f"towers must be a non-empty subset of ('image', 'text'), got {self.towers}")
+
+    def is_low_rank(self, features: int) -> bool:
+        """Whether an adapter on ``features`` channels is a ``B @ A`` product (else a full matrix)."""
+        return self.rank is not None and self.rank < features
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

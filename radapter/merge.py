@@ -1,15 +1,29 @@
 """The weight-space ensemble: fold adapters into the layers before them at a given alpha.
 
 ``merge_adapters(model, alpha)`` rewrites each site's weights to
-``W <- (I + alpha * s * A) W`` and ``b <- (I + alpha * s * A) b`` and removes the adapter
-hooks, so the merged model runs the base model's forward path at the base model's cost.
-The products ``D = s * A @ W`` are computed once per adapter state and cached, so
-re-merging at a new alpha is ``W <- W_org + alpha * D``: one add, no matmul.
-``unmerge_adapters`` copies the kept originals back: exact, no subtraction.
+``W <- (I + alpha * s * A) W`` and ``b <- (I + alpha * s * A) b`` and the site's hook stops
+adding the adapter, so the merged model runs the base model's forward path at its cost.
+The alpha may differ per tower (``{"image": 0.3, "text": 0.7}``) and ``towers=`` merges
+some towers only. ``unmerge_adapters`` copies the kept originals back: exact, no subtraction.
+
+What merging keeps follows the live weights, as peft's merge recomputes from the live
+weight every time:
+
+- the originals are taken again at every merge of an unmerged site (if they did not change,
+  the cached products are kept), so an edit or ``load_state_dict`` of the base is honoured;
+- while merged, each written tensor's device, dtype, storage and version are recorded; if any
+  changed, the weights are compared with what was written: a moved or cast copy moves the
+  originals along (``model.to(...)``), anything else is taken as a new base (an edit that
+  bypasses autograd's version counter, ``param.data.copy_``, is not seen while merged);
+- the products ``D = s * A @ W`` are cached per adapter and keyed on the adapter tensors'
+  identity and version and on the originals they were made from, so re-merging at a new
+  alpha is ``W <- W_org + alpha * D``: one add per tensor, no matmul.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,15 +31,71 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import RAdapterError
-from .inject import attach_hook, detach_hook, iter_adapters, require_state
-from .sites import FoldedTensor, get_site_kind
+from .inject import AdapterSet, AdapterState, Site, require_state
+from .sites import get_site_kind
+
+AlphaSpec = float | Mapping[str, float] | None
+
+
+def _record(t: torch.Tensor) -> tuple:
+    return t.device, t.dtype, t.data_ptr(), t._version
 
 
 @dataclass
-class _MergeCache:
+class SiteMerge:
+    """A site's pristine tensors and what was last written over them."""
+
     originals: dict[str, torch.Tensor]
-    plan: list[FoldedTensor] = field(default_factory=list)
+    records: dict[str, tuple]
+    generation: int = 0
+    written: tuple[dict[str, torch.Tensor | None], float] | None = None  # (deltas, alpha); None: base in place
+
+
+@dataclass
+class _DeltaCache:
     key: tuple = ()
+    deltas: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+def _live(site: Site) -> dict[str, torch.Tensor]:
+    return get_site_kind(site.kind).tensors_to_keep(site.module)
+
+
+def _written_value(m: SiteMerge, name: str) -> torch.Tensor:
+    deltas, alpha = m.written
+    base, delta = m.originals[name], deltas[name]
+    return base.clone() if delta is None else torch.add(base, delta, alpha=alpha)
+
+
+@torch.no_grad()
+def _sync(site: Site) -> SiteMerge:
+    """The site's originals, made to agree with its live tensors (see the module docstring)."""
+    live = _live(site)
+    m: SiteMerge | None = site.merge
+    if m is not None and m.written is not None:
+        if all(m.records[n] == _record(t) for n, t in live.items()):
+            return m
+        if all(torch.equal(t, _written_value(m, n).to(t.device, t.dtype)) for n, t in live.items()):
+            # moved or cast while merged: the originals and the written products follow
+            m.originals = {n: m.originals[n].to(t.device, t.dtype) for n, t in live.items()}
+            deltas, alpha = m.written
+            m.written = ({n: None if d is None else d.to(live[n].device, live[n].dtype)
+                          for n, d in deltas.items()}, alpha)
+            m.records = {n: _record(t) for n, t in live.items()}
+            m.generation += 1
+            return m
+        site.set_folded(False)  # a new base was written over the merged weights
+    fresh = {n: t.detach().clone() for n, t in live.items()}
+    if m is None:
+        m = site.merge = SiteMerge(fresh, {})
+    elif not (m.originals.keys() == fresh.keys() and all(
+            o.device == fresh[n].device and o.dtype == fresh[n].dtype and torch.equal(o, fresh[n])
+            for n, o in m.originals.items())):
+        m.originals = fresh
+        m.generation += 1
+    m.records = {n: _record(t) for n, t in live.items()}
+    m.written = None
+    return m
 
 
 def _source_key(adapter: Adapter, use_ema: bool) -> tuple:
@@ -37,73 +107,148 @@ def _source_key(adapter: Adapter, use_ema: bool) -> tuple:
 
 
 @torch.no_grad()
-def _plan_for(module: nn.Module, adapter: Adapter, use_ema: bool) -> list[FoldedTensor]:
-    kind = get_site_kind(adapter.site_kind)
-    cache: _MergeCache | None = adapter._merge_cache
+def _deltas(site: Site, adapter: Adapter, m: SiteMerge, use_ema: bool) -> dict[str, torch.Tensor | None]:
+    cache: _DeltaCache | None = adapter._merge_cache
     if cache is None:
-        keep = kind.tensors_to_keep(module)
-        cache = _MergeCache(originals={n: t.detach().clone() for n, t in keep.items()})
-        adapter._merge_cache = cache
-    key = _source_key(adapter, use_ema)
+        cache = adapter._merge_cache = _DeltaCache()
+    key = (*_source_key(adapter, use_ema), id(m), m.generation)
     if key != cache.key:
-        cache.plan = kind.fold_plan(module, cache.originals, adapter.delta_matrix(use_ema))
+        plan = get_site_kind(site.kind).fold_plan(site.module, m.originals, adapter.delta_matrix(use_ema))
+        by_base = {id(t.base): t.delta for t in plan}
+        cache.deltas = {n: by_base[id(o)] for n, o in m.originals.items()}
         cache.key = key
-    return cache.plan
+    return cache.deltas
 
 
 @torch.no_grad()
-def merge_adapters(model: nn.Module, alpha: float | None = None, *, use_ema: bool = True) -> nn.Module:
-    """Fold every adapter into its layer at ``alpha`` (default: the config's ``default_alpha``).
+def _write(site: Site, m: SiteMerge, deltas: dict[str, torch.Tensor | None], alpha: float) -> None:
+    for name, target in _live(site).items():
+        base, delta = m.originals[name], deltas[name]
+        if delta is None:
+            target.copy_(base)
+        else:
+            torch.add(base, delta, alpha=alpha, out=target)
+        m.records[name] = _record(target)
+    m.written = (deltas, alpha)
+    site.set_folded(True)
 
-    alpha = 0 gives the pretrained model, alpha = 1 the fine-tuned one. Calling it on a
-    merged model re-merges at the new alpha from the kept originals. ``use_ema`` picks
+
+def _alpha(value: float) -> float:
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise RAdapterError(f"alpha must be a number, got {value!r}") from None
+    if not math.isfinite(alpha):
+        raise RAdapterError(f"alpha must be finite, got {alpha}")
+    return alpha
+
+
+def _tower_alphas(aset: AdapterSet, alpha: AlphaSpec, towers: tuple[str, ...] | None) -> dict[str, float]:
+    own = tuple(aset.config.towers)
+    if isinstance(alpha, Mapping):
+        if towers is not None:
+            raise RAdapterError("give per-tower alphas or towers=, not both")
+        unknown = sorted(set(alpha) - set(own))
+        if unknown:
+            raise RAdapterError(f"adapter set {aset.name!r} adapts the towers {list(own)}, not {unknown}")
+        return {t: _alpha(a) for t, a in alpha.items()}
+    chosen = own if towers is None else tuple(towers)
+    unknown = sorted(set(chosen) - set(own))
+    if unknown:
+        raise RAdapterError(f"adapter set {aset.name!r} adapts the towers {list(own)}, not {unknown}")
+    value = aset.config.default_alpha if alpha is None else _alpha(alpha)
+    return dict.fromkeys(chosen, value)
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module, alpha: AlphaSpec = None, *, use_ema: bool = True,
+                   towers: tuple[str, ...] | list[str] | None = None) -> nn.Module:
+    """Fold the active set's adapters into their layers at ``alpha``.
+
+    ``alpha``: a number for every tower (default: the config's ``default_alpha``) or a
+    mapping ``{tower: alpha}``; ``towers`` limits a single alpha to some towers. Towers not
+    named keep their state. alpha = 0 gives the pretrained model, alpha = 1 the fine-tuned
+    one; calling it on a merged model re-merges from the kept originals. ``use_ema`` picks
     the EMA copy of the adapter weights when one is kept.
     """
     state = require_state(model)
-    alpha = state.config.default_alpha if alpha is None else float(alpha)
+    aset = state.active_set
+    alphas = _tower_alphas(aset, alpha, None if towers is None else tuple(towers))
     # Plan every site before writing any, so a site that cannot fold leaves the model untouched.
-    plans = [(module, _plan_for(module, adapter, use_ema)) for _, module, adapter in iter_adapters(model)]
-    for module, plan in plans:
-        for t in plan:
-            if t.delta is None:
-                t.target.copy_(t.base)
-            else:
-                torch.add(t.base, t.delta, alpha=alpha, out=t.target)
-        detach_hook(module)
-    state.merged_alpha = alpha
+    plans = []
+    for site, adapter in aset.adapters():
+        if site.tower in alphas:
+            m = _sync(site)
+            plans.append((site, m, _deltas(site, adapter, m, use_ema), alphas[site.tower]))
+    for site, m, deltas, a in plans:
+        _write(site, m, deltas, a)
+    state.merged.update(alphas)
     return model
 
 
 @torch.no_grad()
-def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Restore the original weights exactly and re-attach the adapter hooks."""
+def unmerge_adapters(model: nn.Module, *, towers: tuple[str, ...] | list[str] | None = None) -> nn.Module:
+    """Restore the original weights exactly (of ``towers``, default all) and apply the adapters again."""
     state = require_state(model)
-    if state.merged_alpha is None:
-        return model
-    for _, module, adapter in iter_adapters(model):
-        cache: _MergeCache = adapter._merge_cache
-        live = get_site_kind(adapter.site_kind).tensors_to_keep(module)
-        for name, original in cache.originals.items():
-            live[name].copy_(original)
-        attach_hook(module)
-    state.merged_alpha = None
+    chosen = set(state.merged if towers is None else towers)
+    for site in state.active_set.sites:
+        if site.tower not in chosen or site.merge is None or site.merge.written is None:
+            continue
+        m = _sync(site)
+        if m.written is None:
+            continue  # a new base was written over it: that is now the base
+        for name, target in _live(site).items():
+            target.copy_(m.originals[name])
+            m.records[name] = _record(target)
+        m.written = None
+        site.set_folded(False)
+    for t in chosen:
+        state.merged.pop(t, None)
     return model
 
 
+def merged_alphas(model: nn.Module) -> dict[str, float | None]:
+    """Per tower of the active set, the alpha it is merged at (``None``: unmerged)."""
+    state = require_state(model)
+    return {t: state.merged.get(t) for t in state.config.towers}
+
+
 def merged_alpha(model: nn.Module) -> float | None:
-    """The alpha the model is merged at, or ``None`` when unmerged."""
-    return require_state(model).merged_alpha
+    """The alpha the model is merged at, or ``None`` when unmerged.
+
+    Raises :class:`RAdapterError` when the towers are at different alphas (see :func:`merged_alphas`).
+    """
+    values = set(merged_alphas(model).values())
+    if len(values) > 1:
+        raise RAdapterError(f"the towers are merged at different alphas ({merged_alphas(model)}); "
+                            "read radapter.merged_alphas(model)")
+    return values.pop()
 
 
 def release_merge_cache(model: nn.Module) -> None:
-    """Free the kept originals and deltas (about 2x the adapted layers' weights).
+    """Free the kept originals and products (about 2x the adapted layers' weights).
 
     Only allowed when unmerged; the next merge rebuilds the cache.
     """
-    if require_state(model).merged_alpha is not None:
+    state: AdapterState = require_state(model)
+    if state.merged:
         raise RuntimeError("unmerge the adapters before releasing the merge cache")
-    for _, _, adapter in iter_adapters(model):
-        adapter._merge_cache = None
+    for site in state.sites.values():
+        site.merge = None
+        for adapter in site.adapters.values():
+            adapter._merge_cache = None
+
+
+def merge_and_unload(model: nn.Module, alpha: AlphaSpec = None, *, use_ema: bool = True) -> nn.Module:
+    """Merge the active set at ``alpha`` and remove every adapter: a plain model with merged weights."""
+    from .inject import unload
+
+    merge_adapters(model, alpha, use_ema=use_ema)
+    state = require_state(model)
+    for site in state.sites.values():
+        site.merge = None  # unload must not restore the originals
+    state.merged.clear()
+    return unload(model)
 
 
 def interpolate_weights(

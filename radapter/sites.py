@@ -158,6 +158,10 @@ def link_fold_target(module: nn.Module, target: nn.Module) -> None:
     module.__dict__[_FOLD_TARGET_ATTR] = target
 
 
+def unlink_fold_target(module: nn.Module) -> None:
+    module.__dict__.pop(_FOLD_TARGET_ATTR, None)
+
+
 def fold_target(module: nn.Module) -> nn.Module:
     try:
         return module.__dict__[_FOLD_TARGET_ATTR]

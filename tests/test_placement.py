@@ -27,7 +27,7 @@ def test_attention_adapter_fires_despite_out_proj_trap(tiny):
     radapter.add_adapters(model, radapter.RAdapterConfig(towers=("image",)))
     x = torch.randn(2, 3, 32, 32)
     before = model.encode_image(x)
-    adapter = model.visual.transformer.resblocks[0].attn.radapter
+    adapter = model.visual.transformer.resblocks[0].attn.radapter["default"]
     with torch.no_grad():
         adapter.ema_weight.normal_(0, 0.1)
     assert not torch.allclose(model.encode_image(x), before)
@@ -69,7 +69,7 @@ def test_errors_for_unknown_or_unmatched_placement(tiny):
         radapter.add_adapters(model, radapter.RAdapterConfig(placement="nope"))
     with pytest.raises(radapter.PlacementError, match="no adapter sites"):
         radapter.add_adapters(nn.Sequential(nn.Linear(2, 2)), radapter.RAdapterConfig())
-    with pytest.raises(radapter.RAdapterError, match="already has adapters"):
+    with pytest.raises(radapter.RAdapterError, match="already has an adapter set"):
         radapter.add_adapters(radapter.add_adapters(model), radapter.RAdapterConfig())
 
 
