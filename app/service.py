@@ -1,9 +1,10 @@
-"""The app's model service: one model per adapter, merged at each request's own alpha under a lock.
+"""The app's model service: the base model, and one adapted copy holding every adapter as a named set.
 
-Every request names its alpha; the model is re-merged to that alpha (a memory-bound add
-from precomputed deltas) and used while the lock is held, so two users at different alphas
-never see each other's weights. A classification re-merges only the image tower
-(``slots.Slot.merge_image``) and takes its class head from a cache keyed by the exact
+Every request names its adapter and alpha; the adapted model switches to that set
+(``radapter.set_adapter``) and is re-merged to that alpha (a memory-bound add from cached
+products) while its lock is held, so two users at different alphas or adapters never see
+each other's weights. A classification re-merges only the image tower
+(``radapter.merge_adapters(model, {"image": alpha})``) and takes its class head from a cache keyed by the exact
 alpha, which a background warmer fills at every slider alpha (``heads``); results are
 cached per (adapter, alpha, input, class list), so the zero-shot and fine-tuned columns
 are not recomputed when only the alpha moves.
@@ -11,6 +12,7 @@ are not recomputed when only the alpha moves.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -35,7 +37,6 @@ from radapter.segmentation import Segmentation, segment
 from radapter.zero_shot import ZeroShotHead, render
 
 from .heads import LRU, HeadSpec, HeadWarmer
-from .slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,40 @@ class _Input:
     digest: str
 
 
+@dataclass
+class Slot:
+    """What one adapter choice runs on: a model, the lock that guards its weights, and the adapter.
+
+    Every adapter is a named set on one shared adapted model (one lock); the zero-shot
+    choice runs on the plain base model (its own lock), so it never waits for an adapter.
+    """
+
+    model: nn.Module
+    lock: threading.Lock
+    entry: AdapterEntry | None
+
+    def place(self, alphas: dict[str, float] | None) -> None:
+        """Activate this slot's adapter set and merge the named towers at their alphas (hold ``lock``).
+
+        ``None`` (the zero-shot slot) does nothing; a tower already at its alpha is not rewritten.
+        """
+        if self.entry is None or alphas is None:
+            return
+        if radapter.active_adapter(self.model) != self.entry.name:
+            radapter.set_adapter(self.model, self.entry.name)
+        current = radapter.merged_alphas(self.model)
+        todo = {t: a for t, a in alphas.items() if t in current and current[t] != a}
+        if todo:
+            radapter.merge_adapters(self.model, todo)
+
+    def towers(self, alpha: float | None, *only: str) -> dict[str, float] | None:
+        """``{tower: alpha}`` for this adapter's towers (``only`` some of them); ``None`` without an adapter."""
+        if self.entry is None or alpha is None:
+            return None
+        own = radapter.adapter_config(self.model, self.entry.name).towers
+        return {t: alpha for t in own if not only or t in only}
+
+
 class ModelService:
     """Holds the base model, the configured adapters, and answers requests at any alpha."""
 
@@ -199,7 +234,12 @@ class ModelService:
         self.preprocess, self.tokenizer, self.model_name = preprocess, tokenizer, model_name
         self.adapters = adapters
         self._base = model.eval()
-        self._slots: dict[str, Slot] = {NO_ADAPTER: Slot(self._base, None)}
+        self._fingerprint = radapter.base_fingerprint(self._base)
+        self._base_slot = Slot(self._base, threading.Lock(), None)
+        # One copy of the base for all adapters, made on first use; each adapter is a named set on it.
+        self._adapted: nn.Module | None = None
+        self._adapted_lock = threading.Lock()
+        self._slots: dict[str, Slot] = {}
         self._slots_lock = threading.Lock()
         # A head is a few KB per class; 512 cover the 21 slider alphas of ~12 class lists per adapter.
         self._heads: LRU[Head] = LRU(head_cache_size)
@@ -213,29 +253,42 @@ class ModelService:
     def from_config(cls, model: str | None = None, pretrained: str | None = None,
                     adapter_dir: str | Path | None = "adapters", **kwargs: Any) -> ModelService:
         loaded = radapter.load_model(model, pretrained=pretrained) if model else radapter.load_model()
-        adapters = discover_adapters(adapter_dir, radapter.compute_fingerprint(loaded[0]))
+        adapters = discover_adapters(adapter_dir, radapter.base_fingerprint(loaded[0]))
         return cls(*loaded, adapters=adapters, model_name=model or "default", **kwargs)
 
     @property
     def base_model(self) -> nn.Module:
+        """The plain base model (hold no reference across requests: the zero-shot slot runs on it)."""
         return self._base
 
-    def base_fingerprint(self, adapter: str) -> str:
-        """The base-model fingerprint an adapter's model carries (its adapters are added on that base)."""
-        return radapter.inject.require_state(self._slot(adapter).model).base_fingerprint
+    def base_fingerprint(self, adapter: str | None = None) -> str:
+        """The base-model fingerprint every adapter here is matched against."""
+        return self._fingerprint
 
     def adapter_names(self) -> list[str]:
         return [*self.adapters, NO_ADAPTER]
 
     def _slot(self, adapter: str | None) -> Slot:
         name = adapter or NO_ADAPTER
-        if name not in self._slots:
+        if name == NO_ADAPTER:
+            return self._base_slot
+        slot = self._slots.get(name)
+        if slot is None:
             if name not in self.adapters:
                 raise InputError(f"Unknown adapter {name!r}; choose one of {self.adapter_names()}.")
             with self._slots_lock:
-                if name not in self._slots:
-                    self._slots[name] = Slot.with_adapter(self._base, self.adapters[name])
-        return self._slots[name]
+                slot = self._slots.get(name)
+                if slot is None:
+                    slot = self._slots[name] = self._load(self.adapters[name])
+        return slot
+
+    def _load(self, entry: AdapterEntry) -> Slot:
+        """Add ``entry``'s file as a named set of the shared adapted model (call under ``_slots_lock``)."""
+        with self._adapted_lock:
+            if self._adapted is None:
+                self._adapted = copy.deepcopy(self._base)
+            radapter.load_adapters(self._adapted, entry.path, adapter_name=entry.name)
+        return Slot(self._adapted, self._adapted_lock, entry)
 
     @contextmanager
     def _user_request(self) -> Iterator[None]:
@@ -253,7 +306,7 @@ class ModelService:
         """The model of ``adapter`` merged at ``alpha`` (both towers), exclusively for the duration of the block."""
         slot = self._slot(adapter)
         with slot.lock:
-            slot.merge(alpha)
+            slot.place(slot.towers(alpha))
             yield slot.model
 
     # ------------------------------------------------------------------ heads
@@ -277,11 +330,12 @@ class ModelService:
 
         The same batches whoever builds it (a request or the warmer), so the same numbers.
         """
+        text = slot.towers(alpha, "text")
         if spec.beta is not None:
             drm = slot.entry.drm
             desc = dict(zip(drm["classnames"], drm["descriptions"], strict=True))
             with slot.lock:
-                slot.merge_text(alpha)
+                slot.place(text)
                 return DRMHead(slot.model, self.tokenizer, list(spec.classnames),
                                [desc[c] for c in spec.classnames],
                                default_template=drm.get("default_template", "a photo of a {}."), beta=spec.beta)
@@ -291,7 +345,7 @@ class ModelService:
             if should_stop is not None and should_stop():
                 return None
             with slot.lock:  # released between batches so a user request never waits for a whole head
-                slot.merge_text(alpha)
+                slot.place(text)
                 device = next(slot.model.parameters()).device
                 parts.append(slot.model.encode_text(tokens[start:start + TEXT_BATCH].to(device),
                                                     normalize=True).float())
@@ -345,7 +399,7 @@ class ModelService:
             return dict(cached)
         head = self._head(name, slot, alpha_used, spec)
         with slot.lock:
-            slot.merge_image(alpha_used)  # the text side is the head, built at this same alpha
+            slot.place(slot.towers(alpha_used, "image"))  # the text side is the head, built at this same alpha
             feats = slot.model.encode_image(inp.x.to(next(slot.model.parameters()).device))
         probs = torch.softmax(head(feats).float(), dim=1)[0].cpu()
         result = {c: float(p) for c, p in zip(classnames, probs, strict=True)}

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 import radapter
 from radapter.data.sets import open_image
-from radapter.inject import adapter_state
 
 from .collection import ImageRef
 from .errors import IndexStoreError
@@ -56,18 +55,17 @@ class Embedder:
         self.adapter_sha256, self.adapter_path = adapter_sha256, adapter_path
         info = getattr(model, "radapter_model_info", None)
         self.model_name = model_name or (info.name if info else type(model).__name__)
-        state = adapter_state(model)
-        if state is None:
+        if not radapter.has_adapters(model):
             if adapter_sha256 is not None or alpha is not None:
                 raise IndexStoreError("the model has no adapters: an adapter hash or alpha makes no sense")
             self.base_fingerprint = radapter.compute_fingerprint(model)
         else:
             if adapter_sha256 is None:
                 raise IndexStoreError("the model has adapters: give the adapter file's sha256 (adapter_sha256=)")
-            self.base_fingerprint = state.base_fingerprint
+            self.base_fingerprint = radapter.base_fingerprint(model)
             if alpha is not None:
                 radapter.merge_adapters(model, alpha)
-            elif state.merged_alpha is None:
+            elif radapter.merged_alpha(model) is None:
                 raise IndexStoreError("merge the adapters at an alpha first (or pass alpha=)")
 
     @classmethod
@@ -89,20 +87,18 @@ class Embedder:
     # ------------------------------------------------------------------ identity
     @property
     def alpha(self) -> float | None:
-        state = adapter_state(self.model)
-        return None if state is None else normalize_alpha(state.merged_alpha)
+        return normalize_alpha(radapter.merged_alpha(self.model)) if radapter.has_adapters(self.model) else None
 
     @property
     def key(self) -> ModelKey:
         """The model a query embedded now comes from (alpha read live from the model)."""
-        state = adapter_state(self.model)
-        if state is not None and state.merged_alpha is None:
+        if radapter.has_adapters(self.model) and radapter.merged_alpha(self.model) is None:
             raise IndexStoreError("the model's adapters are not merged: merge them at the index's alpha")
         return ModelKey(self.base_fingerprint, self.adapter_sha256, self.alpha)
 
     def set_alpha(self, alpha: float) -> None:
         """Re-merge the adapters at ``alpha`` (cheap: one add per adapted tensor)."""
-        if adapter_state(self.model) is None:
+        if not radapter.has_adapters(self.model):
             raise IndexStoreError("the model has no adapters: alpha cannot change")
         radapter.merge_adapters(self.model, alpha)
 

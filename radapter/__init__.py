@@ -12,6 +12,7 @@ from .frozen_layers import lean_frozen_layers
 from .inject import (
     DEFAULT_ADAPTER,
     active_adapter,
+    adapter_config,
     adapter_parameters,
     add_adapters,
     base_fingerprint,
@@ -44,7 +45,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_ADAPTER", "DEFAULT_MODEL", "OPENAI_TEMPLATES", "SIMPLE_TEMPLATES", "TINY_MODEL", "Adapter",
     "CheckpointError", "ModelLoadError", "PlacementError", "PlacementSpec", "RAdapterConfig", "RAdapterError",
-    "ZeroShotHead", "active_adapter", "adapter_file_info", "adapter_parameters", "add_adapters", "base_fingerprint",
+    "ZeroShotHead", "active_adapter", "adapter_config", "adapter_file_info", "adapter_parameters",
+    "add_adapters", "base_fingerprint",
     "clip_loss", "compute_fingerprint", "cross_entropy", "delete_adapter", "export_merged", "has_adapters",
     "interpolate_weights", "iter_adapters", "keep_freed_memory", "lean_frozen_layers", "list_adapters",
     "list_models", "list_placements", "load_adapters", "load_model", "merge_adapters", "merge_and_unload",

@@ -2,7 +2,8 @@
 
 Only adapter tensors are stored (the EMA copy by default), with string metadata:
 ``format``, ``format_version``, ``base_model``, ``base_fingerprint``, ``base_dtype``,
-``adapter_config`` (JSON, with the default alpha), ``default_alpha`` (a copy), ``training`` (JSON) and any extra user metadata (JSON).
+``adapter_config`` (JSON, with the default alpha), ``default_alpha`` (a copy), ``training``
+(JSON) and any extra user metadata (JSON).
 Files are never unpickled, and a file that does not fit the model changes nothing.
 """
 

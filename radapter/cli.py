@@ -45,7 +45,7 @@ def _segment(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .atomic import atomic_path
-    from .checkpoint import adapter_file_info, load_adapters
+    from .checkpoint import load_adapters
     from .data.sets import open_image
     from .merge import merge_adapters
     from .models import load_model
@@ -54,8 +54,7 @@ def _segment(args: argparse.Namespace) -> None:
     model, _, tokenizer = load_model(args.model, pretrained=args.pretrained) if args.model else load_model()
     if args.adapter:
         load_adapters(model, args.adapter)
-        alpha = args.alpha if args.alpha is not None else adapter_file_info(args.adapter)["default_alpha"]
-        merge_adapters(model, alpha)
+        merge_adapters(model, args.alpha)  # None: the file's default alpha
     image = np.asarray(open_image(args.image))
     names = [c.strip() for c in args.classes.split(",") if c.strip()]
     seg = segment(model, tokenizer, image, names, method=args.method, background=args.background)

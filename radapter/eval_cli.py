@@ -80,9 +80,9 @@ def _file_sha256(path: str) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import evaluation as ev
-    from .checkpoint import adapter_file_info, load_adapters
+    from .checkpoint import load_adapters
     from .inject import adapter_state
-    from .merge import merge_adapters
+    from .merge import merge_adapters, merged_alpha
     from .models import load_model
 
     if not args.benchmark and not args.id_set and not args.retrieval:
@@ -97,11 +97,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.adapter:
         load_adapters(model, args.adapter)
-        alpha = args.alpha if args.alpha is not None else adapter_file_info(args.adapter)["default_alpha"]
         result["adapter_sha256"] = _file_sha256(args.adapter)
         if not args.sweep:
-            merge_adapters(model, alpha)
-            result["alpha"] = alpha
+            merge_adapters(model, args.alpha)  # None: the file's default alpha
+            result["alpha"] = merged_alpha(model)
     state = adapter_state(model)
     if state is not None:
         result["base_fingerprint"] = state.base_fingerprint

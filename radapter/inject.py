@@ -181,6 +181,15 @@ def active_adapter(model: nn.Module) -> str:
     return require_state(model).active
 
 
+def adapter_config(model: nn.Module, adapter_name: str | None = None) -> RAdapterConfig:
+    """The config of the set ``adapter_name`` (default: the active set)."""
+    state = require_state(model)
+    name = state.active if adapter_name is None else adapter_name
+    if name not in state.sets:
+        raise RAdapterError(f"no adapter set named {name!r}; this model has {list(state.sets)}")
+    return state.sets[name].config
+
+
 def _build_site(model: nn.Module, plan: SitePlan, state: AdapterState) -> Site:
     site = state.sites.get(plan.path)
     if site is not None:

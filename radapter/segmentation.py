@@ -289,7 +289,7 @@ def remove_prior(maps: torch.Tensor, prior: str) -> torch.Tensor:
 def _with_merged(model: nn.Module, fn: Callable[[], Any]) -> Any:
     """Dense paths bypass the adapter hooks, so unmerged adapters are folded in (alpha 1) meanwhile."""
     state = adapter_state(model)
-    if state is None or state.merged_alpha is not None:
+    if state is None or state.merged:
         return fn()
     merge_adapters(model, 1.0)
     try:

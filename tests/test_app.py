@@ -83,10 +83,10 @@ def test_concurrent_users_at_different_alphas_get_their_own_results(service):
         assert probs == pytest.approx(sequential[a], abs=1e-6)
 
 
-def _reference_probabilities(service, alpha: float) -> dict[str, float]:
+def _reference_probabilities(service, alpha: float, adapter: str = "colours") -> dict[str, float]:
     """The library's own path: a fresh copy merged at alpha with merge_adapters, zero_shot_classifier."""
     model = copy.deepcopy(service.base_model)
-    radapter.load_adapters(model, service.adapters["colours"].path)
+    radapter.load_adapters(model, service.adapters[adapter].path)
     radapter.merge_adapters(model, alpha)
     head = radapter.zero_shot_classifier(model, service.tokenizer, CLASSES, DEFAULT_TEMPLATES)
     with torch.no_grad():
@@ -95,19 +95,47 @@ def _reference_probabilities(service, alpha: float) -> dict[str, float]:
     return dict(zip(CLASSES, probs.tolist(), strict=True))
 
 
-def test_image_tower_fast_merge_writes_the_same_bits_as_merge_adapters(service):
-    slot = service._slot("colours")
-    assert slot.image_plan, "the fast path should be on for the tiny ViT"
-    reference = copy.deepcopy(service.base_model)
-    radapter.load_adapters(reference, service.adapters["colours"].path)
-    for alpha in (0.35, 0.8, 0.0):
-        radapter.merge_adapters(reference, alpha)
-        with slot.lock:
-            slot.merge(0.1)  # both towers elsewhere
-            slot.merge_image(alpha)  # then the image tower alone
-            live = slot.model.visual.state_dict()
-        for name, tensor in reference.visual.state_dict().items():
-            assert torch.equal(live[name], tensor), (alpha, name)
+def _two_adapter_service(tmp_path):
+    torch.manual_seed(0)
+    model, preprocess, tok = radapter.load_model(radapter.TINY_MODEL)
+    for seed, (name, config) in enumerate([("colours", radapter.RAdapterConfig()),
+                                           ("shapes", radapter.RAdapterConfig(rank=4, towers=("image",)))]):
+        trained = copy.deepcopy(model)
+        radapter.add_adapters(trained, config)
+        randomize_adapters(trained, std=0.3, seed=seed + 5)
+        radapter.save_adapters(trained, tmp_path / f"{name}.safetensors")
+    return ModelService(model, preprocess, tok, discover_adapters(tmp_path), model_name="tiny")
+
+
+def test_every_adapter_is_a_named_set_on_one_model(tmp_path):
+    service = _two_adapter_service(tmp_path)
+    colours, shapes = service._slot("colours"), service._slot("shapes")
+    assert colours.model is shapes.model and colours.model is not service.base_model  # one copy for all adapters
+    assert sorted(radapter.list_adapters(colours.model)) == ["colours", "shapes"]
+    assert not radapter.has_adapters(service.base_model)  # the zero-shot slot stays plain
+    for adapter, alpha in [("colours", 0.3), ("shapes", 0.8), ("colours", 0.8), ("shapes", 0.0), ("colours", 1.0)]:
+        got = service.probabilities(IMAGE, CLASSES, adapter, alpha)
+        assert got == pytest.approx(_reference_probabilities(service, alpha, adapter), abs=1e-5), (adapter, alpha)
+
+
+def test_concurrent_users_on_different_adapters_get_their_own_results(tmp_path):
+    service = _two_adapter_service(tmp_path)
+    requests = [(a, alpha) for a in ("colours", "shapes", NO_ADAPTER) for alpha in (0.0, 0.4, 1.0)] * 2
+    sequential = {r: service.probabilities(IMAGE, CLASSES, *r) for r in set(requests)}
+    service.clear_caches()
+    results: list[tuple[tuple, dict]] = []
+
+    def user(r: tuple) -> None:
+        results.append((r, service.probabilities(IMAGE, CLASSES, *r)))
+
+    threads = [threading.Thread(target=user, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == len(requests)
+    for r, probs in results:
+        assert probs == pytest.approx(sequential[r], abs=1e-6), r
 
 
 def test_slider_release_uses_heads_warmed_at_exactly_its_alpha(service, monkeypatch):
@@ -119,7 +147,7 @@ def test_slider_release_uses_heads_warmed_at_exactly_its_alpha(service, monkeypa
     def no_text(*args, **kwargs):
         raise AssertionError("a slider release must not run the text tower once its head is warm")
 
-    monkeypatch.setattr(slot.model, "encode_text", no_text)
+    monkeypatch.setattr(slot.model, "encode_text", no_text)  # the shared adapted model
     for alpha in (0.65, 0.05):
         res = service.compare(IMAGE, CLASSES, "colours", alpha)  # what the release handler calls
         assert res["merged"] == pytest.approx(_reference_probabilities(service, alpha), abs=1e-5)

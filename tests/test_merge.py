@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -157,3 +159,99 @@ def test_adapters_made_under_inference_mode_are_a_clear_error(tiny):
         radapter.add_adapters(model, radapter.RAdapterConfig())
     with pytest.raises(radapter.RAdapterError, match="inference_mode"):
         radapter.merge_adapters(model, 0.5)
+
+
+# ---------------------------------------------------------------- merge state follows the live weights
+def test_merge_after_an_edit_of_the_base_uses_the_new_weights(adapted):
+    model, x, t, _, _ = adapted
+    radapter.merge_adapters(model, 0.5)
+    radapter.unmerge_adapters(model)
+    with torch.no_grad():
+        for p in radapter.fingerprint.base_state_dict(model).values():
+            if p.is_floating_point():
+                p.add_(1.0)  # an in-place edit of every base tensor
+    edited = {k: v.clone() for k, v in radapter.fingerprint.base_state_dict(model).items()}
+    radapter.merge_adapters(model, 0.0)
+    for k, v in radapter.fingerprint.base_state_dict(model).items():
+        assert torch.equal(v, edited[k]), k
+
+
+def test_load_state_dict_while_merged_is_the_new_base(adapted):
+    model, x, t, base, base_weights = adapted
+    other = {k: v + 0.5 if v.is_floating_point() else v for k, v in base_weights.items()}
+    radapter.merge_adapters(model, 0.7)
+    model.load_state_dict(other, strict=False)  # a new base written over merged weights
+    radapter.merge_adapters(model, 0.0)
+    for k, v in radapter.fingerprint.base_state_dict(model).items():
+        assert torch.equal(v, other[k]), k
+    radapter.unmerge_adapters(model)
+    for k, v in radapter.fingerprint.base_state_dict(model).items():
+        assert torch.equal(v, other[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_merge_state_follows_a_cast_of_the_model(adapted, dtype):
+    model, x, t, _, _ = adapted
+    radapter.merge_adapters(model, 0.6)
+    reference = copy.deepcopy(model)
+    radapter.unmerge_adapters(reference)
+    reference.to(dtype)
+    radapter.merge_adapters(reference, 0.3)  # cast while unmerged: originals taken again
+    model.to(dtype)  # cast while merged: the originals follow
+    radapter.merge_adapters(model, 0.3)
+    got, want = radapter.fingerprint.base_state_dict(model), radapter.fingerprint.base_state_dict(reference)
+    tol = 0 if dtype == torch.float64 else 2e-2
+    for k, v in got.items():
+        assert v.dtype == want[k].dtype and torch.allclose(v.float(), want[k].float(), atol=tol, rtol=tol), k
+    radapter.unmerge_adapters(model)
+    unmerged = radapter.fingerprint.base_state_dict(model)
+    radapter.unmerge_adapters(reference)
+    for k, v in radapter.fingerprint.base_state_dict(reference).items():
+        assert torch.equal(unmerged[k], v), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_merge_state_follows_a_move_between_devices(adapted):
+    model, x, t, _, _ = adapted
+    reference = copy.deepcopy(model)
+    radapter.merge_adapters(reference, 0.2)
+    want = _encode(reference, x, t)
+    radapter.merge_adapters(model, 0.6)
+    model.to("cuda")  # moved while merged
+    radapter.merge_adapters(model, 0.2)
+    model.to("cpu")
+    assert _rel(_encode(model, x, t), want) <= 1e-5
+    radapter.unmerge_adapters(model)
+    radapter.unmerge_adapters(reference)
+    assert _rel(_encode(model, x, t), _encode(reference, x, t)) <= 1e-6
+
+
+# ---------------------------------------------------------------- per-tower alphas
+def test_per_tower_alphas_write_what_a_full_merge_writes_per_tower(adapted):
+    model, x, t, _, _ = adapted
+    reference = copy.deepcopy(model)
+    radapter.merge_adapters(model, {"image": 0.2, "text": 0.9})
+    assert radapter.merged_alphas(model) == {"image": 0.2, "text": 0.9}
+    with pytest.raises(radapter.RAdapterError, match="different alphas"):
+        radapter.merged_alpha(model)
+    for alpha, tower in ((0.2, "visual."), (0.9, "transformer.")):
+        radapter.merge_adapters(reference, alpha)
+        want = radapter.fingerprint.base_state_dict(reference)
+        for k, v in radapter.fingerprint.base_state_dict(model).items():
+            if k.startswith(tower):
+                assert torch.equal(v, want[k]), k
+    radapter.merge_adapters(model, 0.5, towers=("image",))  # the text tower stays at 0.9
+    assert radapter.merged_alphas(model) == {"image": 0.5, "text": 0.9}
+    radapter.unmerge_adapters(model, towers=("text",))
+    assert radapter.merged_alphas(model) == {"image": 0.5, "text": None}
+    with pytest.raises(radapter.RAdapterError, match="towers"):
+        radapter.merge_adapters(model, {"audio": 0.5})
+    with pytest.raises(radapter.RAdapterError, match="finite"):
+        radapter.merge_adapters(model, float("nan"))
+
+
+def test_an_unmerged_tower_runs_its_adapter(adapted):
+    model, x, t, _, _ = adapted
+    unmerged = _encode(model, x, t)
+    radapter.merge_adapters(model, 1.0, towers=("text",))
+    assert _rel(_encode(model, x, t), unmerged) <= 1e-5  # image adapters still applied by their hooks

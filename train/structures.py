@@ -41,5 +41,5 @@ def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
                 m.eval()
         return
     model.eval()
-    for _, _, adapter in radapter.iter_adapters(model) if radapter.inject.adapter_state(model) else ():
+    for _, _, adapter in radapter.iter_adapters(model) if radapter.has_adapters(model) else ():
         adapter.train()
