@@ -207,6 +207,11 @@ def unmerge_adapters(model: nn.Module, *, towers: tuple[str, ...] | list[str] | 
     return model
 
 
+def merge_targets(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The live tensors a merge of the active set writes, by site path (e.g. to size or time a merge)."""
+    return {site.path: _live(site) for site in require_state(model).active_set.sites}
+
+
 def merged_alphas(model: nn.Module) -> dict[str, float | None]:
     """Per tower of the active set, the alpha it is merged at (``None``: unmerged)."""
     state = require_state(model)

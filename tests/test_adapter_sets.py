@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import radapter
-from radapter.fingerprint import base_state_dict
 from tests.conftest import encode_both, randomize_adapters, relative_max_diff
 
 
@@ -45,7 +44,7 @@ def _alone(sets_model, name):
 
 
 def test_sets_switch_and_each_behaves_as_if_alone(two_sets):
-    model, x, t, base, _ = two_sets
+    model, x, t, _, _ = two_sets
     assert radapter.list_adapters(model) == ["default", "small"] and radapter.active_adapter(model) == "default"
     out_default = encode_both(model, x, t)
     radapter.set_adapter(model, "small")
@@ -98,7 +97,7 @@ def test_merge_and_unload_is_a_plain_merged_model(two_sets):
 
 
 def test_the_site_list_is_kept_not_searched(two_sets, monkeypatch):
-    model, x, t, _, _ = two_sets
+    model, *_ = two_sets
 
     def no_walk(self, *a, **k):
         raise AssertionError("walked the module tree")
@@ -202,7 +201,7 @@ def test_fingerprint_ignores_an_exact_cast_and_names_a_lossy_one(tiny, tmp_path)
     radapter.add_adapters(trained)
     path = radapter.save_adapters(trained, tmp_path / "a.safetensors")
     radapter.load_adapters(copy.deepcopy(model).double(), path)  # float64 holds the float32 base exactly
-    with pytest.raises(radapter.CheckpointError, match="weights are bfloat16 .* load the base in float32"):
+    with pytest.raises(radapter.CheckpointError, match=r"weights are bfloat16 .* load the base in float32"):
         radapter.load_adapters(copy.deepcopy(model).to(torch.bfloat16), path)
 
 

@@ -163,7 +163,7 @@ def test_adapters_made_under_inference_mode_are_a_clear_error(tiny):
 
 # ---------------------------------------------------------------- merge state follows the live weights
 def test_merge_after_an_edit_of_the_base_uses_the_new_weights(adapted):
-    model, x, t, _, _ = adapted
+    model, *_ = adapted
     radapter.merge_adapters(model, 0.5)
     radapter.unmerge_adapters(model)
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_merge_after_an_edit_of_the_base_uses_the_new_weights(adapted):
 
 
 def test_load_state_dict_while_merged_is_the_new_base(adapted):
-    model, x, t, base, base_weights = adapted
+    model, *_, base_weights = adapted
     other = {k: v + 0.5 if v.is_floating_point() else v for k, v in base_weights.items()}
     radapter.merge_adapters(model, 0.7)
     model.load_state_dict(other, strict=False)  # a new base written over merged weights
@@ -191,7 +191,7 @@ def test_load_state_dict_while_merged_is_the_new_base(adapted):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_merge_state_follows_a_cast_of_the_model(adapted, dtype):
-    model, x, t, _, _ = adapted
+    model, *_ = adapted
     radapter.merge_adapters(model, 0.6)
     reference = copy.deepcopy(model)
     radapter.unmerge_adapters(reference)
@@ -228,7 +228,7 @@ def test_merge_state_follows_a_move_between_devices(adapted):
 
 # ---------------------------------------------------------------- per-tower alphas
 def test_per_tower_alphas_write_what_a_full_merge_writes_per_tower(adapted):
-    model, x, t, _, _ = adapted
+    model, *_ = adapted
     reference = copy.deepcopy(model)
     radapter.merge_adapters(model, {"image": 0.2, "text": 0.9})
     assert radapter.merged_alphas(model) == {"image": 0.2, "text": 0.9}
