@@ -1,6 +1,7 @@
 """radapter: robust, parameter-efficient fine-tuning of CLIP models (R-Adapter, DRM)."""
 
 from .adapter import Adapter
+from .adapter_sets import delete_adapter, merge_and_unload, set_adapter, unload
 from .checkpoint import adapter_file_info, load_adapters, save_adapters
 from .config import RAdapterConfig
 from .cpu_memory import keep_freed_memory
@@ -16,19 +17,15 @@ from .inject import (
     adapter_parameters,
     add_adapters,
     base_fingerprint,
-    delete_adapter,
     has_adapters,
     iter_adapters,
     list_adapters,
-    set_adapter,
     trainable_summary,
-    unload,
 )
 from .losses import clip_loss, cross_entropy, mpm_nce_loss
 from .merge import (
     interpolate_weights,
     merge_adapters,
-    merge_and_unload,
     merge_targets,
     merged_alpha,
     merged_alphas,

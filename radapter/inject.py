@@ -24,13 +24,13 @@ from .config import RAdapterConfig, Tower
 from .errors import RAdapterError
 from .fingerprint import compute_fingerprint
 from .placement import SitePlan, resolve_sites
-from .sites import get_site_kind, link_fold_target, unlink_fold_target
+from .sites import get_site_kind, link_fold_target
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ATTR = "radapter"
 DEFAULT_ADAPTER = "default"
-_STATE_ATTR = "_radapter_state"
+STATE_ATTR = "_radapter_state"
 
 
 class AdapterDict(nn.ModuleDict):
@@ -143,7 +143,7 @@ def _adapter_hook(module: nn.Module, args: Any, output: Any) -> Any:
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:
-    return getattr(model, _STATE_ATTR, None)
+    return getattr(model, STATE_ATTR, None)
 
 
 def require_state(model: nn.Module) -> AdapterState:
@@ -248,89 +248,8 @@ def attach_adapters(model: nn.Module, config: RAdapterConfig, plans: list[SitePl
         site.refresh_hook()
         sites.append(site)
     state.sets[adapter_name] = AdapterSet(adapter_name, config, sites)
-    setattr(model, _STATE_ATTR, state)
+    setattr(model, STATE_ATTR, state)
     log.info("radapter: %s", trainable_summary(model))
-    return model
-
-
-def _set_trainable(aset: AdapterSet, trainable: bool) -> None:
-    for _, adapter in aset.adapters():
-        for name in adapter.param_names:
-            getattr(adapter, name).requires_grad_(trainable and (name != "scale" or aset.config.learn_scale))
-
-
-def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Make ``adapter_name`` the active set: the forward, merges, saving and training use it.
-
-    Its parameters become trainable and the others frozen (as in peft). A merged model
-    stays merged: the new set is folded at the same per-tower alphas.
-    """
-    from .merge import merge_adapters, unmerge_adapters
-
-    state = require_state(model)
-    if adapter_name not in state.sets:
-        raise RAdapterError(f"no adapter set named {adapter_name!r}; this model has {list(state.sets)}")
-    if adapter_name == state.active:
-        return model
-    merged = dict(state.merged)
-    if merged:
-        unmerge_adapters(model)
-    _set_trainable(state.active_set, False)
-    state.active = adapter_name
-    for site in state.sites.values():
-        site.adapters.active = adapter_name
-        site.refresh_hook()
-    _set_trainable(state.active_set, True)
-    towers = set(state.active_set.config.towers)
-    if merged and (keep := {t: a for t, a in merged.items() if t in towers}):
-        merge_adapters(model, keep)
-    return model
-
-
-def _remove_site(site: Site) -> None:
-    if site.adapters.hook is not None:
-        site.adapters.hook.remove()
-    del site.module._modules[ADAPTER_ATTR]
-    unlink_fold_target(site.module)
-
-
-def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Remove one adapter set; deleting the active set activates the first remaining one.
-
-    Deleting the last set is :func:`unload`.
-    """
-    from .merge import unmerge_adapters
-
-    state = require_state(model)
-    if adapter_name not in state.sets:
-        raise RAdapterError(f"no adapter set named {adapter_name!r}; this model has {list(state.sets)}")
-    if len(state.sets) == 1:
-        return unload(model)
-    if adapter_name == state.active:
-        if state.merged:
-            unmerge_adapters(model)
-        set_adapter(model, next(n for n in state.sets if n != adapter_name))
-    aset = state.sets.pop(adapter_name)
-    used = {s.path for other in state.sets.values() for s in other.sites}
-    for site in aset.sites:
-        del site.adapters[adapter_name]
-        site.refresh_hook()
-        if site.path not in used:
-            _remove_site(site)
-            del state.sites[site.path]
-    return model
-
-
-def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter set and its hooks, restoring the base weights: the plain base model."""
-    from .merge import unmerge_adapters
-
-    state = require_state(model)
-    if state.merged:
-        unmerge_adapters(model)
-    for site in state.sites.values():
-        _remove_site(site)
-    delattr(model, _STATE_ATTR)
     return model
 
 

@@ -244,18 +244,6 @@ def release_merge_cache(model: nn.Module) -> None:
             adapter._merge_cache = None
 
 
-def merge_and_unload(model: nn.Module, alpha: AlphaSpec = None, *, use_ema: bool = True) -> nn.Module:
-    """Merge the active set at ``alpha`` and remove every adapter: a plain model with merged weights."""
-    from .inject import unload
-
-    merge_adapters(model, alpha, use_ema=use_ema)
-    state = require_state(model)
-    for site in state.sites.values():
-        site.merge = None  # unload must not restore the originals
-    state.merged.clear()
-    return unload(model)
-
-
 def interpolate_weights(
     theta_0: dict[str, torch.Tensor], theta_1: dict[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:
