@@ -14,13 +14,12 @@ RUN apt-get update && apt-get install -y --no-install-recommends npm && rm -rf /
 RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 
-COPY requirements.txt .
-RUN pip install -r requirements.txt
-
+# The package with its [app] extra (pyproject.toml), editable: the app serves the adapters/ folder beside it.
 COPY --chown=user . .
+RUN pip install -e ".[app]"
 USER user
 ENV RADAPTER_DATA=/home/user/.cache/radapter/data RADAPTER_INDEXES=/home/user/.cache/radapter/indexes
 RUN python -m radapter.data.prepare emoji segmentation
 
 EXPOSE 7860
-CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "7860"]
+CMD ["radapter-app", "--host", "0.0.0.0", "--port", "7860"]

@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 TIMEOUT_MS = 30_000  # one action's result; the whole test takes ~30 s on 2 CPU cores
 
 sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright is not installed (pip install -r requirements-dev.txt)")
+                               reason='Playwright is not installed (pip install -e ".[dev]")')
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)",
                 allow_module_level=True)

@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -238,7 +237,7 @@ def test_imagenet_recipe_dry_run(folders, tmp_path):
     assert m["training"]["steps"] == 2 and m["results"] == {"dry_run": True}
 
 
-# ------------------------------------------------------------------ results matrix, report, device logistics
+# ------------------------------------------------------------------ results matrix, report
 
 FAKE_TRAIN = """
 import json, os, sys, time
@@ -396,50 +395,6 @@ def test_report_renders_tables_from_metrics(tmp_path):
     row = figures["classification"]["emoji"]["R-Adapter"]
     assert row["id"]["values"] == [0.5, 0.6, 0.7] and row["alpha"] == [0.5, 0.5, 0.5]
     assert main([str(tmp_path / "empty"), "--out", str(out)]) == 2
-
-
-def test_device_parts_stash_and_unpack(tmp_path, monkeypatch):
-    """Pack small files, carry one part per 'call' into a fresh repo copy, then unpack and verify there."""
-    from train import device
-
-    src = tmp_path / "src"
-    src.mkdir()
-    files = {"site/pkg/__init__.py": b"X = 1\n", "data/bench/a.npz": os.urandom(300_000),
-             "data/bench/manifest.json": b"{}"}
-    for name, data in files.items():
-        (src / name.replace("/", "_")).write_bytes(data)
-    info = device.build_payload({n: src / n.replace("/", "_") for n in files}, tmp_path / "pack")
-    manifest = device.write_parts(info, tmp_path / "pack", 120_000, model=None)
-    assert len(manifest["chunks"]) >= 2 and all(c["bytes"] <= 120_000 for c in manifest["chunks"])
-    monkeypatch.setenv("RADAPTER_DEVICE_HOME", str(tmp_path / "home"))
-    for c in manifest["chunks"]:  # each call carries one part into a copy of the repository
-        carried = tmp_path / f"call{c['part']}" / ".devpack"
-        shutil.copytree(tmp_path / "pack" / f"p{c['part']}", carried / f"p{c['part']}")
-        monkeypatch.setattr(device, "PACK", carried)
-        device.stash()
-    env = device.setup()
-    unpacked = tmp_path / "home" / "radapter-env"
-    assert env["RADAPTER_DATA"] == str(unpacked / "data")
-    for name, data in files.items():
-        assert (unpacked / name).read_bytes() == data
-    assert device.setup()["RADAPTER_DATA"] == env["RADAPTER_DATA"]  # second call: already unpacked
-
-
-def test_device_collect_and_fetch_bring_back_results(tmp_path):
-    from train import device
-
-    root = tmp_path / "runs"
-    run_dir = root / "emoji" / "r-adapter" / "seed0"
-    run_dir.mkdir(parents=True)
-    for name in ("metrics.json", "checkpoint.pt", "adapter.safetensors", "sweep.png"):
-        (run_dir / name).write_text(name)
-    (root / "matrix.json").write_text("{}")
-    written = device.collect(root, tmp_path / "out")
-    assert sorted(p.name for p in written) == ["adapter.emoji.r-adapter.seed0.safetensors", "runs.tar.gz"]
-    assert device.fetch(tmp_path / "out", tmp_path / "back") == 0
-    back = tmp_path / "back" / "emoji" / "r-adapter" / "seed0"
-    assert sorted(p.name for p in back.iterdir()) == ["adapter.safetensors", "metrics.json", "sweep.png"]
-    assert (tmp_path / "back" / "matrix.json").is_file()
 
 
 def test_grad_checkpointing_keeps_less_and_trains_the_same_adapters(folders, tmp_path):

@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {entry['model']['name']} fingerprint {entry['model']['fingerprint'][:16]}", flush=True)
         if args.expect_fingerprint and entry["model"]["fingerprint"] != args.expect_fingerprint:
             print(f"error: model fingerprint {entry['model']['fingerprint']} is not the expected "
-                  f"{args.expect_fingerprint}: the towers or the head differ from the packing machine's",
+                  f"{args.expect_fingerprint}: the towers or the head differ from the expected model",
                   file=sys.stderr)
             return 2
     root.mkdir(parents=True, exist_ok=True)
