@@ -15,10 +15,12 @@ def _export(args: argparse.Namespace) -> None:
     from .export import export_merged
     from .models import load_model
 
-    model, _, _ = load_model(args.model, pretrained=args.pretrained)
+    info = adapter_file_info(args.adapter)  # a bad file fails before the model loads
+    # No --model: the base model the adapter was trained on (None: the offline default).
+    model, _, _ = load_model(args.model or info.get("base_model"), pretrained=args.pretrained)
     load_adapters(model, args.adapter)
-    alpha = args.alpha if args.alpha is not None else adapter_file_info(args.adapter)["default_alpha"]
-    out = export_merged(model, args.out, alpha)
+    out = export_merged(model, args.out, args.alpha)  # None: the file's default alpha
+    alpha = json.loads((out / "open_clip_config.json").read_text())["radapter"]["alpha"]
     print(f"wrote {out} (alpha={alpha}); load it with open_clip.create_model_and_transforms('local-dir:{out}')")
 
 
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="write a model merged at alpha as a plain open_clip folder")
-    e.add_argument("--model", required=True, help="model name or path (see `radapter models`)")
+    e.add_argument("--model", default=None,
+                   help="model name or path (see `radapter models`; default: the adapter file's base model)")
     e.add_argument("--pretrained", default=None, help="pretrained tag or local weights file")
     e.add_argument("--adapter", required=True, help="adapter .safetensors file")
     e.add_argument("--alpha", type=float, default=None, help="re-scaling alpha (default: the file's default_alpha)")
