@@ -67,10 +67,11 @@ def _written_value(m: SiteMerge, name: str) -> torch.Tensor:
     return base.clone() if delta is None else torch.add(base, delta, alpha=alpha)
 
 
-@torch.no_grad()
-def _sync(site: Site) -> SiteMerge:
-    """The site's originals, made to agree with its live tensors (see the module docstring)."""
-    live = _live(site)
+def _sync(site: Site, live: dict[str, torch.Tensor]) -> SiteMerge:
+    """The site's originals, made to agree with its ``live`` tensors (see the module docstring).
+
+    Callers run it under ``torch.no_grad()``, as the other helpers here.
+    """
     m: SiteMerge | None = site.merge
     if m is not None and m.written is not None:
         if all(m.records[n] == _record(t) for n, t in live.items()):
@@ -106,7 +107,6 @@ def _source_key(adapter: Adapter, use_ema: bool) -> tuple:
     return (use_ema, *((id(t), t._version) for t in tensors.values()))
 
 
-@torch.no_grad()
 def _deltas(site: Site, adapter: Adapter, m: SiteMerge, use_ema: bool) -> dict[str, torch.Tensor | None]:
     cache: _DeltaCache | None = adapter._merge_cache
     if cache is None:
@@ -120,9 +120,9 @@ def _deltas(site: Site, adapter: Adapter, m: SiteMerge, use_ema: bool) -> dict[s
     return cache.deltas
 
 
-@torch.no_grad()
-def _write(site: Site, m: SiteMerge, deltas: dict[str, torch.Tensor | None], alpha: float) -> None:
-    for name, target in _live(site).items():
+def _write(site: Site, live: dict[str, torch.Tensor], m: SiteMerge, deltas: dict[str, torch.Tensor | None],
+           alpha: float) -> None:
+    for name, target in live.items():
         base, delta = m.originals[name], deltas[name]
         if delta is None:
             target.copy_(base)
@@ -130,7 +130,8 @@ def _write(site: Site, m: SiteMerge, deltas: dict[str, torch.Tensor | None], alp
             torch.add(base, delta, alpha=alpha, out=target)
         m.records[name] = _record(target)
     m.written = (deltas, alpha)
-    site.set_folded(True)
+    if not site.adapters.folded:
+        site.set_folded(True)
 
 
 def _alpha(value: float) -> float:
@@ -178,10 +179,11 @@ def merge_adapters(model: nn.Module, alpha: AlphaSpec = None, *, use_ema: bool =
     plans = []
     for site, adapter in aset.adapters():
         if site.tower in alphas:
-            m = _sync(site)
-            plans.append((site, m, _deltas(site, adapter, m, use_ema), alphas[site.tower]))
-    for site, m, deltas, a in plans:
-        _write(site, m, deltas, a)
+            live = _live(site)
+            m = _sync(site, live)
+            plans.append((site, live, m, _deltas(site, adapter, m, use_ema), alphas[site.tower]))
+    for site, live, m, deltas, a in plans:
+        _write(site, live, m, deltas, a)
     state.merged.update(alphas)
     return model
 
@@ -194,10 +196,11 @@ def unmerge_adapters(model: nn.Module, *, towers: tuple[str, ...] | list[str] | 
     for site in state.active_set.sites:
         if site.tower not in chosen or site.merge is None or site.merge.written is None:
             continue
-        m = _sync(site)
+        live = _live(site)
+        m = _sync(site, live)
         if m.written is None:
             continue  # a new base was written over it: that is now the base
-        for name, target in _live(site).items():
+        for name, target in live.items():
             target.copy_(m.originals[name])
             m.records[name] = _record(target)
         m.written = None
