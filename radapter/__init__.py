@@ -33,7 +33,7 @@ from .merge import (
     unmerge_adapters,
 )
 from .models import DEFAULT_MODEL, TINY_MODEL, list_models, load_model, register_model
-from .placement import PlacementSpec, list_placements, register_placement
+from .placement import PlacementSpec, list_placements, register_placement, site_weights
 from .sites import register_site_kind
 from .text_padding import trim_text_padding
 from .zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, ZeroShotHead, zero_shot_classifier
@@ -41,15 +41,14 @@ from .zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, ZeroShotHead, zero_sh
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_ADAPTER", "DEFAULT_MODEL", "OPENAI_TEMPLATES", "SIMPLE_TEMPLATES", "TINY_MODEL", "Adapter",
-    "CheckpointError", "ModelLoadError", "PlacementError", "PlacementSpec", "RAdapterConfig", "RAdapterError",
-    "ZeroShotHead", "active_adapter", "adapter_config", "adapter_file_info", "adapter_parameters",
-    "add_adapters", "base_fingerprint",
-    "clip_loss", "compute_fingerprint", "cross_entropy", "delete_adapter", "export_merged", "has_adapters",
-    "interpolate_weights", "iter_adapters", "keep_freed_memory", "lean_frozen_layers", "list_adapters",
-    "list_models", "list_placements", "load_adapters", "load_model", "merge_adapters", "merge_and_unload",
-    "merge_targets",
-    "merged_alpha", "merged_alphas", "mpm_nce_loss", "register_model", "register_placement", "register_site_kind",
-    "release_merge_cache", "save_adapters", "set_adapter", "trainable_summary", "trim_text_padding", "unload",
-    "unmerge_adapters", "update_ema", "zero_shot_classifier",
+    "Adapter", "CheckpointError", "DEFAULT_ADAPTER", "DEFAULT_MODEL", "ModelLoadError", "OPENAI_TEMPLATES",
+    "PlacementError", "PlacementSpec", "RAdapterConfig", "RAdapterError", "SIMPLE_TEMPLATES", "TINY_MODEL",
+    "ZeroShotHead", "active_adapter", "adapter_config", "adapter_file_info", "adapter_parameters", "add_adapters",
+    "base_fingerprint", "clip_loss", "compute_fingerprint", "cross_entropy", "delete_adapter", "export_merged",
+    "has_adapters", "interpolate_weights", "iter_adapters", "keep_freed_memory", "lean_frozen_layers",
+    "list_adapters", "list_models", "list_placements", "load_adapters", "load_model", "merge_adapters",
+    "merge_and_unload", "merge_targets", "merged_alpha", "merged_alphas", "mpm_nce_loss", "register_model",
+    "register_placement", "register_site_kind", "release_merge_cache", "save_adapters", "set_adapter",
+    "site_weights", "trainable_summary", "trim_text_padding", "unload", "unmerge_adapters", "update_ema",
+    "zero_shot_classifier",
 ]

@@ -22,7 +22,7 @@ different order).
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ def _records(x: torch.Tensor, *frozen: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and x.requires_grad and not any(t is not None and t.requires_grad for t in frozen)
 
 
-# Bound as instance methods (types.MethodType), so copy.deepcopy binds them to the copy.
+# Set per module as ``functools.partial(fn, module)``: unlike a bound method of a module-level
+# function, a partial pickles, and pickle and copy.deepcopy bind it to the copy.
 def _lean_conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if not _records(x, conv.weight, conv.bias):
         return type(conv).forward(conv, x)
@@ -105,16 +106,18 @@ def lean_frozen_layers(model: nn.Module) -> int:
     """Patch ``model``'s convolutions, BatchNorms and attention modules as described above.
 
     Idempotent; returns how many modules were patched now. The patches check at every call
-    whether they apply, so unfreezing a layer later simply turns its patch off.
+    whether they apply, so unfreezing a layer later simply turns its patch off. Opt-in:
+    ``add_adapters`` does not call it; ``python -m train`` does for every PEFT method. A
+    patched model still deep-copies, pickles and moves between devices.
     """
     patched = 0
     for module in model.modules():
         if getattr(module, _PATCHED, False):
             continue
         if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-            module.forward = types.MethodType(_lean_conv_forward, module)
+            module.forward = functools.partial(_lean_conv_forward, module)
         elif _bn_supported(module):
-            module.forward = types.MethodType(_lean_bn_forward, module)
+            module.forward = functools.partial(_lean_bn_forward, module)
         elif isinstance(module, nn.MultiheadAttention) and module.batch_first and module.in_proj_weight is not None:
             module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
         else:

@@ -128,4 +128,19 @@ def resolve_sites(model: nn.Module, config: RAdapterConfig) -> list[SitePlan]:
     return plans
 
 
+def site_weights(model: nn.Module, config: RAdapterConfig | None = None) -> dict[str, nn.Parameter]:
+    """The weight each adapter site of ``config``'s placement folds into, by site path.
+
+    For placing another method (e.g. LoRA) on exactly the layers R-Adapter adapts; the
+    model is not changed.
+    """
+    out = {}
+    for plan in resolve_sites(model, config or RAdapterConfig()):
+        if plan.fold_into is not None:  # a site that folds into another module folds into that one's weight
+            out[plan.path] = model.get_submodule(plan.fold_into).weight
+        else:
+            out[plan.path] = get_site_kind(plan.kind).weight_and_bias(model.get_submodule(plan.path))[0]
+    return out
+
+
 _builtin_specs()

@@ -10,7 +10,7 @@ offline default model trims its masked padding the same way: ``offline_model.bui
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,6 @@ def trim_text_padding(model: nn.Module) -> bool:
     pool = getattr(model, "text_pool_type", None)
     if pool not in ("argmax", "eos") or (pool == "eos" and getattr(model, "text_eos_id", None) is None):
         return False
-    # Bound per instance (types.MethodType), so copy.deepcopy binds it to the copy.
-    model.encode_text = types.MethodType(_encode_text_trimmed, model)
+    # A partial, not a bound method: it pickles, and pickle and copy.deepcopy bind it to the copy.
+    model.encode_text = functools.partial(_encode_text_trimmed, model)
     return True

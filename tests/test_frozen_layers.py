@@ -1,5 +1,8 @@
 import copy
+import io
+import pickle
 
+import pytest
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
@@ -83,14 +86,24 @@ def test_lean_layers_leave_inference_and_trainable_layers_alone():
     assert torch.equal(lean(x), stock.train()(x))  # BatchNorm in training mode: the stock forward
 
 
-def test_deepcopy_of_a_lean_model_uses_its_own_weights():
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copy_of_a_lean_model_uses_its_own_weights_and_stays_lean(how):
     _, lean = _frozen_pair()
-    twin = copy.deepcopy(lean)
+    if how == "deepcopy":
+        twin = copy.deepcopy(lean)
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps(lean))
+    else:
+        buf = io.BytesIO()
+        torch.save(lean, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin.conv1.forward.args[0] is twin.conv1  # bound to the copy, still the lean path
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    assert torch.equal(twin(x), lean(x))
     with torch.no_grad():
         twin.conv1.weight.zero_()
-    x = torch.randn(1, 3, 16, 16, requires_grad=True)
     assert not torch.equal(twin(x), lean(x))
-    assert twin.conv1.forward.__self__ is twin.conv1
 
 
 def test_adapter_gradients_are_unchanged_by_the_lean_layers():
@@ -98,15 +111,9 @@ def test_adapter_gradients_are_unchanged_by_the_lean_layers():
     base, _, tok = radapter.load_model(radapter.TINY_MODEL)
     config = radapter.RAdapterConfig(drop_prob=0.0)
     lean = radapter.add_adapters(copy.deepcopy(base), config)
-    assert sum(getattr(m, "_radapter_lean", False) for m in lean.modules()) > 0  # add_adapters patched the base
-    stock = copy.deepcopy(base)
-    from radapter.inject import attach_adapters, resolve_sites
-
-    # the same adapters without the patches: attach, then undo each patch
-    attach_adapters(stock, config, resolve_sites(stock, config), "x")
-    for m in stock.modules():
-        m.__dict__.pop("forward", None)
-        m._forward_pre_hooks.clear()
+    assert not any(getattr(m, "_radapter_lean", False) for m in lean.modules())  # opt-in: add_adapters leaves it
+    assert radapter.lean_frozen_layers(lean) > 0
+    stock = radapter.add_adapters(copy.deepcopy(base), config)  # the same adapters without the patches
     with torch.no_grad():
         for (_, _, a), (_, _, b) in zip(radapter.iter_adapters(lean), radapter.iter_adapters(stock), strict=True):
             a.weight.normal_(0, 0.05)

@@ -1,4 +1,5 @@
 import copy
+import pickle
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def clip_tiny():
 
 def test_trimmed_text_features_equal_the_stock_ones_and_run_fewer_positions(clip_tiny):
     model, tok = clip_tiny
-    assert model.encode_text.__func__.__name__ == "_encode_text_trimmed"  # load_model applied it
+    assert model.encode_text.func.__name__ == "_encode_text_trimmed"  # load_model applied it
     tokens = tok(["a photo of a cat.", "a dog", "a very long caption about a small red bird on a branch"])
     seen = []
     handle = model.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
@@ -49,7 +50,9 @@ def test_adapter_gradients_through_trimmed_text_equal_the_stock_ones(clip_tiny):
 def test_trimming_applies_only_where_it_is_exact(clip_tiny):
     model, _ = clip_tiny
     copied = copy.deepcopy(model)
-    assert copied.encode_text.__self__ is copied
+    assert copied.encode_text.args[0] is copied
+    pickled = pickle.loads(pickle.dumps(model))
+    assert pickled.encode_text.args[0] is pickled
     bidirectional = copy.deepcopy(model)
     del bidirectional.encode_text
     bidirectional.attn_mask = None

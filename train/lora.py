@@ -14,10 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from radapter.config import RAdapterConfig
-from radapter.frozen_layers import lean_frozen_layers
-from radapter.placement import resolve_sites
-from radapter.sites import get_site_kind, link_fold_target
+import radapter
 
 
 class LoRADelta(nn.Module):
@@ -43,20 +40,18 @@ def _owner(model: nn.Module, tensor: torch.Tensor) -> nn.Module:
     raise RuntimeError("could not find the module owning an adapted weight")
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, config: RAdapterConfig | None = None) -> list[nn.Parameter]:
+def add_lora(model: nn.Module, rank: int, alpha: float,
+             config: radapter.RAdapterConfig | None = None) -> list[nn.Parameter]:
     """Freeze the model and add LoRA to the weights of every R-Adapter site; returns the LoRA parameters."""
     model.requires_grad_(False)
     params: list[nn.Parameter] = []
-    for plan in resolve_sites(model, config or RAdapterConfig()):
-        module = model.get_submodule(plan.path)
-        if plan.fold_into is not None:  # conv_bn sites: LoRA goes on the conv that feeds the BatchNorm
-            link_fold_target(module, model.get_submodule(plan.fold_into))
-        weight, _ = get_site_kind(plan.kind).weight_and_bias(module)
+    # conv_bn sites: LoRA goes on the conv that feeds the BatchNorm (the weight the site folds into)
+    for weight in radapter.site_weights(model, config).values():
         owner = _owner(model, weight)
         delta = LoRADelta(weight, rank, alpha)
         parametrize.register_parametrization(owner, "weight", delta)
         params += [delta.lora_A, delta.lora_B]
-    lean_frozen_layers(model)  # as for R-Adapter: the frozen layers keep less for backward
+    radapter.lean_frozen_layers(model)  # as for R-Adapter: the frozen layers keep less for backward
     return params
 
 

@@ -14,6 +14,7 @@ def prepare_trainable(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
     """Attach the method's trainable structure; return the parameters the optimiser updates."""
     if cfg.uses_adapters:
         radapter.add_adapters(model, adapter_config(cfg))
+        radapter.lean_frozen_layers(model)  # the frozen base keeps less for backward (opt-in in the library)
         return radapter.adapter_parameters(model)
     if cfg.method == "lora":
         return add_lora(model, cfg.lora_rank, cfg.lora_alpha)
