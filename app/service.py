@@ -31,10 +31,9 @@ from PIL import Image, ImageOps
 from torch import nn
 
 import radapter
-from radapter.checkpoint import adapter_file_info
 from radapter.drm import DRMHead
-from radapter.segmentation import Segmentation, segment
-from radapter.zero_shot import ZeroShotHead, render
+from radapter.evaluation.segmentation import Segmentation, segment
+from radapter.evaluation.zero_shot import ZeroShotHead, render
 
 from .heads import LRU, HeadSpec, HeadWarmer
 
@@ -83,7 +82,7 @@ def discover_adapters(folder: str | Path | None, base_fingerprint: str | None = 
         return entries
     for path in sorted(Path(folder).glob("*.safetensors")):
         try:
-            info = adapter_file_info(path)
+            info = radapter.adapter_file_info(path)
         except radapter.RAdapterError as e:
             log.warning("skipping %s: %s", path, e)
             continue

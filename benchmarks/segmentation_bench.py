@@ -21,7 +21,7 @@ import argparse
 import radapter
 from benchmarks.common import write_result
 from radapter.data.benchmarks import load_benchmark
-from radapter.segmentation import PRIORS, SCORES, evaluate_segmentation
+from radapter.evaluation.segmentation import PRIORS, SCORES, evaluate_segmentation
 
 STYLE_KEYS = {"google": "", "twitter": "_ood"}
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from radapter.metrics import recall_at_k
+from radapter.evaluation.metrics import recall_at_k
 
 from .errors import IndexStoreError
 from .index import RetrievalIndex

@@ -1,16 +1,14 @@
 """radapter: robust, parameter-efficient fine-tuning of CLIP models (R-Adapter, DRM)."""
 
-from .adapter import Adapter
-from .adapter_sets import delete_adapter, merge_and_unload, set_adapter, unload
-from .checkpoint import adapter_file_info, load_adapters, save_adapters
-from .config import RAdapterConfig
-from .cpu_memory import keep_freed_memory
-from .ema import update_ema
-from .errors import CheckpointError, ModelLoadError, PlacementError, RAdapterError
-from .export import export_merged
-from .fingerprint import compute_fingerprint
-from .frozen_layers import lean_frozen_layers
-from .inject import (
+from .adapters.adapter import Adapter
+from .adapters.adapter_sets import delete_adapter, merge_and_unload, set_adapter, unload
+from .adapters.checkpoint import adapter_file_info, load_adapters, save_adapters
+from .adapters.config import RAdapterConfig
+from .adapters.ema import update_ema
+from .adapters.export import export_merged
+from .adapters.fingerprint import compute_fingerprint
+from .adapters.frozen_layers import lean_frozen_layers
+from .adapters.inject import (
     DEFAULT_ADAPTER,
     active_adapter,
     adapter_config,
@@ -22,8 +20,7 @@ from .inject import (
     list_adapters,
     trainable_summary,
 )
-from .losses import clip_loss, cross_entropy, mpm_nce_loss
-from .merge import (
+from .adapters.merge import (
     interpolate_weights,
     merge_adapters,
     merge_targets,
@@ -32,11 +29,14 @@ from .merge import (
     release_merge_cache,
     unmerge_adapters,
 )
-from .models import DEFAULT_MODEL, TINY_MODEL, list_models, load_model, register_model
-from .placement import PlacementSpec, list_placements, register_placement, site_weights
-from .sites import register_site_kind
-from .text_padding import trim_text_padding
-from .zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, ZeroShotHead, zero_shot_classifier
+from .adapters.placement import PlacementSpec, list_placements, register_placement, site_weights
+from .adapters.sites import register_site_kind
+from .cpu_memory import keep_freed_memory
+from .errors import CheckpointError, ModelLoadError, PlacementError, RAdapterError
+from .evaluation.zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, ZeroShotHead, zero_shot_classifier
+from .losses import clip_loss, cross_entropy, mpm_nce_loss
+from .models.registry import DEFAULT_MODEL, TINY_MODEL, list_models, load_model, register_model
+from .models.text_padding import trim_text_padding
 
 __version__ = "0.1.0"
 

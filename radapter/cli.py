@@ -11,9 +11,9 @@ from .errors import RAdapterError
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .checkpoint import adapter_file_info, load_adapters
-    from .export import export_merged
-    from .models import load_model
+    from .adapters.checkpoint import adapter_file_info, load_adapters
+    from .adapters.export import export_merged
+    from .models.registry import load_model
 
     info = adapter_file_info(args.adapter)  # a bad file fails before the model loads
     # No --model: the base model the adapter was trained on (None: the offline default).
@@ -25,13 +25,13 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .checkpoint import adapter_file_info
+    from .adapters.checkpoint import adapter_file_info
 
     print(json.dumps(adapter_file_info(args.adapter), indent=2, sort_keys=True))
 
 
 def _models(args: argparse.Namespace) -> None:
-    from .models import list_models
+    from .models.registry import list_models
 
     print("\n".join(list_models()))
 
@@ -46,12 +46,12 @@ def _segment(args: argparse.Namespace) -> None:
     import numpy as np
     from PIL import Image
 
+    from .adapters.checkpoint import load_adapters
+    from .adapters.merge import merge_adapters
     from .atomic import atomic_path
-    from .checkpoint import load_adapters
     from .data.sets import open_image
-    from .merge import merge_adapters
-    from .models import load_model
-    from .segmentation import overlay, segment
+    from .evaluation.segmentation import overlay, segment
+    from .models.registry import load_model
 
     model, _, tokenizer = load_model(args.model, pretrained=args.pretrained) if args.model else load_model()
     if args.adapter:
@@ -68,7 +68,7 @@ def _segment(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .eval_cli import main as eval_main
+    from .evaluation.cli import main as eval_main
 
     eval_main(args)
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list loadable model names")
     m.set_defaults(func=_models)
 
-    from .eval_cli import add_arguments
+    from .evaluation.cli import add_arguments
 
     ev = sub.add_parser("eval", help="evaluate a model (+ adapter at alpha) on benchmarks or your own data")
     add_arguments(ev)

@@ -15,15 +15,15 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .checkpoint import save_adapters
-from .config import RAdapterConfig
-from .ema import update_ema
-from .export import export_merged
-from .inject import adapter_parameters, add_adapters, trainable_summary
+from .adapters.checkpoint import save_adapters
+from .adapters.config import RAdapterConfig
+from .adapters.ema import update_ema
+from .adapters.export import export_merged
+from .adapters.inject import adapter_parameters, add_adapters, trainable_summary
+from .adapters.merge import merge_adapters, unmerge_adapters
+from .evaluation.zero_shot import zero_shot_classifier
 from .losses import mpm_nce_loss
-from .merge import merge_adapters, unmerge_adapters
-from .models import TINY_MODEL, load_model
-from .zero_shot import zero_shot_classifier
+from .models.registry import TINY_MODEL, load_model
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9),
            "yellow": (0.9, 0.9, 0.1), "purple": (0.6, 0.1, 0.7), "cyan": (0.1, 0.8, 0.8)}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zero_shot import encode_texts
+from .evaluation.zero_shot import encode_texts
 
 
 class DRMHead:

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import radapter
-from radapter.adapter import Adapter
-from radapter.ema import ema_momentum
+from radapter.adapters.adapter import Adapter
+from radapter.adapters.ema import ema_momentum
 
 
 def test_zero_init_keeps_pretrained_outputs(tiny):

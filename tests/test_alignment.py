@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import radapter
-from radapter.models import BRIDGE_MODEL, DEFAULT_MODEL
-from radapter.offline_model import align, build, clipart
+from radapter.models.offline import align, build, clipart
+from radapter.models.registry import BRIDGE_MODEL, DEFAULT_MODEL
 
 LEMMAS = frozenset({"emperor", "penguin", "bored", "dog", "flag", "map", "sweden", "park"})
 

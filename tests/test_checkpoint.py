@@ -74,7 +74,7 @@ def test_other_base_model_is_refused_and_nothing_changes(saved):
     before = _snapshot(other)
     with pytest.raises(radapter.CheckpointError, match="trained on base model"):
         radapter.load_adapters(other, path)
-    assert radapter.inject.adapter_state(other) is None
+    assert radapter.adapters.inject.adapter_state(other) is None
     assert _snapshot(other).keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in _snapshot(other).items())
 
@@ -120,7 +120,7 @@ def test_bad_files_are_clear_errors(saved, tmp_path, kind):
     with pytest.raises(radapter.CheckpointError) as err:
         radapter.load_adapters(fresh, path)
     assert "\n" not in str(err.value)
-    assert radapter.inject.adapter_state(fresh) is None
+    assert radapter.adapters.inject.adapter_state(fresh) is None
 
 
 def test_save_is_atomic_and_reserved_keys_refused(saved, tmp_path):

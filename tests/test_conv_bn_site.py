@@ -8,7 +8,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import radapter
-from radapter.placement import resolve_sites
+from radapter.adapters.placement import resolve_sites
 from tests.conftest import randomize_adapters
 
 
@@ -75,11 +75,11 @@ def test_conv_bn_merge_is_exact(bias, channels_last):
     assert _rel(model(x), unmerged) <= 1e-5
     assert all(not m._forward_hooks for m in model.modules())
     radapter.merge_adapters(model, 0.0)  # alpha = 0 gives back the original tensors, bit for bit
-    assert all(torch.equal(v, base_state[k]) for k, v in radapter.fingerprint.base_state_dict(model).items())
+    assert all(torch.equal(v, base_state[k]) for k, v in radapter.adapters.fingerprint.base_state_dict(model).items())
     assert torch.equal(model(x), base)
     radapter.merge_adapters(model, 0.6)
     radapter.unmerge_adapters(model)
-    assert all(torch.equal(v, base_state[k]) for k, v in radapter.fingerprint.base_state_dict(model).items())
+    assert all(torch.equal(v, base_state[k]) for k, v in radapter.adapters.fingerprint.base_state_dict(model).items())
     assert torch.equal(model(x), unmerged)
 
 
@@ -102,7 +102,8 @@ def test_conv_bn_touches_only_conv_weight_and_bn_bias():
     randomize_adapters(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     radapter.merge_adapters(model, 1.0)
-    changed = sorted(k for k, v in radapter.fingerprint.base_state_dict(model).items() if not torch.equal(v, before[k]))
+    after = radapter.adapters.fingerprint.base_state_dict(model)
+    changed = sorted(k for k, v in after.items() if not torch.equal(v, before[k]))
     assert changed == ["blocks.0.bn.bias", "blocks.0.proj.weight", "blocks.1.bn.bias", "blocks.1.proj.weight"]
 
 

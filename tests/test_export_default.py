@@ -1,4 +1,4 @@
-"""Export of the offline default model (radapter.offline_model.export) with the shipped adapters."""
+"""Export of the offline default model (radapter.models.offline.export) with the shipped adapters."""
 
 import json
 import os

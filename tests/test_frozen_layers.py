@@ -8,7 +8,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import radapter
-from radapter.frozen_layers import lean_frozen_layers
+from radapter.adapters.frozen_layers import lean_frozen_layers
 
 
 class ConvNet(nn.Module):

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import radapter
-from radapter.adapter import Adapter
+from radapter.adapters.adapter import Adapter
 from tests.conftest import adapt_with_reference, encode_both, randomize_adapters, relative_max_diff
 
 
@@ -30,7 +30,7 @@ def test_alpha_zero_reproduces_pretrained(adapted):
     model, x, t, base, base_weights = adapted
     radapter.merge_adapters(model, 0.0)
     assert (_encode(model, x, t) - base).abs().max() <= 1e-6
-    for k, v in radapter.fingerprint.base_state_dict(model).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
         assert torch.equal(v, base_weights[k]), k
 
 
@@ -60,7 +60,7 @@ def test_unmerge_restores_exactly_and_remerge_is_stable(adapted):
     radapter.merge_adapters(model, 0.7)
     first = {k: v.clone() for k, v in model.state_dict().items()}
     radapter.unmerge_adapters(model)
-    for k, v in radapter.fingerprint.base_state_dict(model).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
         assert torch.equal(v, base_weights[k]), k
     assert torch.equal(_encode(model, x, t), unmerged)
     for _ in range(3):
@@ -167,12 +167,12 @@ def test_merge_after_an_edit_of_the_base_uses_the_new_weights(adapted):
     radapter.merge_adapters(model, 0.5)
     radapter.unmerge_adapters(model)
     with torch.no_grad():
-        for p in radapter.fingerprint.base_state_dict(model).values():
+        for p in radapter.adapters.fingerprint.base_state_dict(model).values():
             if p.is_floating_point():
                 p.add_(1.0)  # an in-place edit of every base tensor
-    edited = {k: v.clone() for k, v in radapter.fingerprint.base_state_dict(model).items()}
+    edited = {k: v.clone() for k, v in radapter.adapters.fingerprint.base_state_dict(model).items()}
     radapter.merge_adapters(model, 0.0)
-    for k, v in radapter.fingerprint.base_state_dict(model).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
         assert torch.equal(v, edited[k]), k
 
 
@@ -182,10 +182,10 @@ def test_load_state_dict_while_merged_is_the_new_base(adapted):
     radapter.merge_adapters(model, 0.7)
     model.load_state_dict(other, strict=False)  # a new base written over merged weights
     radapter.merge_adapters(model, 0.0)
-    for k, v in radapter.fingerprint.base_state_dict(model).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
         assert torch.equal(v, other[k]), k
     radapter.unmerge_adapters(model)
-    for k, v in radapter.fingerprint.base_state_dict(model).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
         assert torch.equal(v, other[k]), k
 
 
@@ -199,14 +199,15 @@ def test_merge_state_follows_a_cast_of_the_model(adapted, dtype):
     radapter.merge_adapters(reference, 0.3)  # cast while unmerged: originals taken again
     model.to(dtype)  # cast while merged: the originals follow
     radapter.merge_adapters(model, 0.3)
-    got, want = radapter.fingerprint.base_state_dict(model), radapter.fingerprint.base_state_dict(reference)
+    got = radapter.adapters.fingerprint.base_state_dict(model)
+    want = radapter.adapters.fingerprint.base_state_dict(reference)
     tol = 0 if dtype == torch.float64 else 2e-2
     for k, v in got.items():
         assert v.dtype == want[k].dtype and torch.allclose(v.float(), want[k].float(), atol=tol, rtol=tol), k
     radapter.unmerge_adapters(model)
-    unmerged = radapter.fingerprint.base_state_dict(model)
+    unmerged = radapter.adapters.fingerprint.base_state_dict(model)
     radapter.unmerge_adapters(reference)
-    for k, v in radapter.fingerprint.base_state_dict(reference).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(reference).items():
         assert torch.equal(unmerged[k], v), k
 
 
@@ -236,8 +237,8 @@ def test_per_tower_alphas_write_what_a_full_merge_writes_per_tower(adapted):
         radapter.merged_alpha(model)
     for alpha, tower in ((0.2, "visual."), (0.9, "transformer.")):
         radapter.merge_adapters(reference, alpha)
-        want = radapter.fingerprint.base_state_dict(reference)
-        for k, v in radapter.fingerprint.base_state_dict(model).items():
+        want = radapter.adapters.fingerprint.base_state_dict(reference)
+        for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
             if k.startswith(tower):
                 assert torch.equal(v, want[k]), k
     radapter.merge_adapters(model, 0.5, towers=("image",))  # the text tower stays at 0.9

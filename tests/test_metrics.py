@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from radapter.metrics import IoUAccumulator, expected_calibration_error, macro_f1, recall_at_k, top1
+from radapter.evaluation.metrics import IoUAccumulator, expected_calibration_error, macro_f1, recall_at_k, top1
 
 
 def test_top1_and_macro_f1_match_sklearn():

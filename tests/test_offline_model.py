@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import radapter
-from radapter.models import DEFAULT_MODEL
-from radapter.offline_model import build
-from radapter.placement import resolve_sites
+from radapter.adapters.placement import resolve_sites
+from radapter.models.offline import build
+from radapter.models.registry import DEFAULT_MODEL
 from tests.conftest import adapt_with_reference, encode_both, randomize_adapters, relative_max_diff
 
 PROMPTS = ["a photo of a cat.", "a cup of coffee", "a rocket on the launch pad", "x"]
@@ -122,7 +122,7 @@ def test_alpha_zero_reproduces_the_model(adapted):
     model, x, t, base, base_weights = adapted
     radapter.merge_adapters(model, 0.0)
     assert (_encode(model, x, t) - base).abs().max() <= 1e-6
-    for k, v in radapter.fingerprint.base_state_dict(model).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
         assert torch.equal(v, base_weights[k]), k
 
 
@@ -134,7 +134,7 @@ def test_alpha_one_merged_equals_unmerged_and_runs_no_hooks(adapted):
     assert all(not m._forward_hooks for m in model.modules())
     assert _rel(_encode(model, x, t), unmerged) <= 1e-5
     radapter.unmerge_adapters(model)
-    for k, v in radapter.fingerprint.base_state_dict(model).items():
+    for k, v in radapter.adapters.fingerprint.base_state_dict(model).items():
         assert torch.equal(v, base_weights[k]), k
     assert torch.equal(_encode(model, x, t), unmerged)
 

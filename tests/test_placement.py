@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import radapter
-from radapter.placement import resolve_sites
+from radapter.adapters.placement import resolve_sites
 from tests.conftest import randomize_adapters
 
 

@@ -6,7 +6,7 @@ import torch
 
 import radapter
 from radapter.data.sets import SegmentationSet
-from radapter.segmentation import (
+from radapter.evaluation.segmentation import (
     _dilated,
     _vit_dense,
     can_dilate,

@@ -6,7 +6,7 @@ import torch
 from open_clip.model import CLIP
 
 import radapter
-from radapter.text_padding import trim_text_padding, trimmed_length
+from radapter.models.text_padding import trim_text_padding, trimmed_length
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def test_head_keeps_training_mode(tiny):
 
 
 def test_read_templates(tmp_path):
-    from radapter.zero_shot import read_templates
+    from radapter.evaluation.zero_shot import read_templates
 
     assert read_templates("openai") == radapter.OPENAI_TEMPLATES
     assert read_templates("simple") == radapter.SIMPLE_TEMPLATES

@@ -19,7 +19,7 @@ from radapter.data.benchmark_spec import BenchmarkSpec
 from radapter.data.benchmarks import Benchmark, load_benchmark
 from radapter.data.sets import ClassificationSet, ImageDataset, ImageSource, RetrievalSet
 from radapter.errors import RAdapterError
-from radapter.zero_shot import read_templates, render
+from radapter.evaluation.zero_shot import read_templates, render
 
 from .config import TrainConfig
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import radapter
 from radapter.atomic import atomic_path
-from radapter.zero_shot import encode_texts
+from radapter.evaluation.zero_shot import encode_texts
 
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainData

@@ -176,7 +176,7 @@ def model_info(model: str | None) -> dict[str, Any]:
     import torch
 
     import radapter
-    from radapter.fingerprint import compute_fingerprint
+    from radapter import compute_fingerprint
     from radapter.models import model_info as loaded_info
 
     m, _, tokenizer = radapter.load_model(model) if model else radapter.load_model()

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.benchmarks import Benchmark
-from .data.sets import ClassificationSet, RetrievalSet
-from .merge import merge_adapters
+from ..adapters.merge import merge_adapters
+from ..data.benchmarks import Benchmark
+from ..data.sets import ClassificationSet, RetrievalSet
 from .metrics import expected_calibration_error, macro_f1, recall_at_k, top1
 from .zero_shot import Template, ZeroShotHead, encode_texts, render, zero_shot_classifier
 
@@ -175,7 +175,7 @@ def plot_alpha_sweep(sweep: dict[str, Any], path: str | Path, *, current_alpha: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     key = sweep.get("key", "top1")
     alphas = [p["alpha"] for p in sweep["points"]]

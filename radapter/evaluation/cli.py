@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path
-from .data import benchmarks as bm
-from .data import formats
-from .data.benchmark_spec import BenchmarkSpec
-from .data.sets import ClassificationSet
-from .errors import RAdapterError
+from ..atomic import atomic_path
+from ..data import benchmarks as bm
+from ..data import formats
+from ..data.benchmark_spec import BenchmarkSpec
+from ..data.sets import ClassificationSet
+from ..errors import RAdapterError
 from .zero_shot import read_templates
 
 SET_KINDS = ("folder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "objectnet")
@@ -79,11 +79,11 @@ def _file_sha256(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from . import evaluation as ev
-    from .checkpoint import load_adapters
-    from .inject import adapter_state
-    from .merge import merge_adapters, merged_alpha
-    from .models import load_model
+    from .. import evaluation as ev
+    from ..adapters.checkpoint import load_adapters
+    from ..adapters.inject import adapter_state
+    from ..adapters.merge import merge_adapters, merged_alpha
+    from ..models.registry import load_model
 
     if not args.benchmark and not args.id_set and not args.retrieval:
         raise RAdapterError("nothing to evaluate: give --benchmark, --id or --retrieval")

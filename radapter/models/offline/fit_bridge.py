@@ -1,7 +1,7 @@
 """Fit the ImageNet bridge of the offline default model and write ``weights/bridge.safetensors``.
 
-    python -m radapter.offline_model.fit_bridge            # ~6 min on 2 CPU cores
-    python -m radapter.offline_model.fit_bridge --out /tmp/bridge.safetensors
+    python -m radapter.models.offline.fit_bridge            # ~6 min on 2 CPU cores
+    python -m radapter.models.offline.fit_bridge --out /tmp/bridge.safetensors
 
 What it fits, from data that ships with the packages (no image data set, no test set):
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path
+from ...atomic import atomic_path
 from .build import (
     BRIDGE_FILE,
     BRIDGE_FORMAT,
@@ -108,7 +108,7 @@ def fit(lam: float = 1.0, temperature: float = 20.0, kernel_weight: float = 0.5)
         "lambda": lam, "intercept": "unpenalised", "solver": "float64 normal equations",
         "logit_scale_from": f"median |row| of the ImageNet names x median |[f, 1]| over skimage.data "
                             f"{list(SANITY_PHOTOS)}",
-        "command": "python -m radapter.offline_model.fit_bridge",
+        "command": "python -m radapter.models.offline.fit_bridge",
         "packages": {p: importlib.metadata.version(p) for p in _PACKAGES},
     }
     metadata = {

@@ -1,8 +1,8 @@
 """Where adapters go, described as data.
 
-A placement spec is a JSON file (see ``radapter/placements/``): a list of rules, each
+A placement spec is a JSON file (see ``radapter/adapters/placements/``): a list of rules, each
 ``{"tower", "kind", "pattern"}`` where ``pattern`` is a regular expression over
-``model.named_modules()`` names and ``kind`` names a :mod:`radapter.sites` kind. An
+``model.named_modules()`` names and ``kind`` names a :mod:`radapter.adapters.sites` kind. An
 optional ``"fold_into"`` names a sibling of the site (a path relative to the site's
 parent) that the kind folds into as well, e.g. the conv before a ``conv_bn`` site.
 Supporting a new architecture means writing a spec, not editing code.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import PlacementError
 from .config import RAdapterConfig
-from .errors import PlacementError
 from .sites import get_site_kind
 
 
@@ -85,7 +85,7 @@ def get_placement(name: str) -> PlacementSpec:
 
 
 def _builtin_specs() -> None:
-    for entry in sorted(resources.files("radapter.placements").iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files("radapter.adapters.placements").iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".json"):
             register_placement(json.loads(entry.read_text()))
 

@@ -149,7 +149,7 @@ class Adapter(nn.Module):
         self.site_path = ""
         self.site_kind = "linear"
         self.tower = ""
-        self._merge_cache = None  # radapter.merge's products for this adapter
+        self._merge_cache = None  # radapter.adapters.merge's products for this adapter
         # A buffer, so a resumed run continues the EMA warm-up where it stopped.
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
 

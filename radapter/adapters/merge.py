@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import RAdapterError
 from .adapter import Adapter
-from .errors import RAdapterError
 from .inject import AdapterSet, AdapterState, Site, require_state
 from .sites import get_site_kind
 

@@ -1,6 +1,6 @@
 """LiT-style alignment of the offline model's text head on clip art; writes ``weights/lit.safetensors``.
 
-    python -m radapter.offline_model.align          # ~4 min on 2 CPU cores (image features cached)
+    python -m radapter.models.offline.align          # ~4 min on 2 CPU cores (image features cached)
 
 Locked-image tuning (LiT): the image tower is frozen, the text side learns to point at it.
 Here the text tower (MiniLM) stays frozen too and only the bridge head is trained: its ridge
@@ -8,7 +8,7 @@ map (384 -> 1281 + bias) and the kernel keys. Both towers are frozen, so their o
 computed once and training is a few seconds of linear algebra.
 
 Loss = symmetric multi-positive InfoNCE between clip-art images and their captions
-(:mod:`radapter.offline_model.clipart`; images sharing a caption are positives)
+(:mod:`radapter.models.offline.clipart`; images sharing a caption are positives)
 + ``anchor`` x the mean squared relative change of the 1000 ImageNet class-name rows
 (the bridge's own inputs) from the rows of the ImageNet bridge: the new head must still
 predict EfficientNet's classifier for ImageNet's names, which is what keeps the bridge's
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.benchmark_spec import get_spec
-from ..data.cache import data_dir
-from ..data.sets import ImageDataset, open_image
-from ..evaluation import embed_images
-from ..merge import interpolate_weights
+from ...adapters.merge import interpolate_weights
+from ...data.benchmark_spec import get_spec
+from ...data.cache import data_dir
+from ...data.sets import ImageDataset, open_image
+from ...evaluation.harness import embed_images
 from .build import BRIDGE_FILE, BRIDGE_NAME, LIT_FILE, BridgeTextHead, build_offline_model, file_sha256, minilm_path
 from .clipart import clipart_pairs
 from .fit_bridge import write_bridge
@@ -204,7 +204,7 @@ def class_rows(head: BridgeTextHead, prompts: torch.Tensor, n_templates: int) ->
 
 def validation_features(model, preprocess, tokenizer, limit: int = 1000) -> dict:
     """Features of the validation data: fmnist val, emoji (Google) train+val (images cached on disk)."""
-    from ..data.benchmarks import load_benchmark
+    from ...data.benchmarks import load_benchmark
 
     fm_bench, em_spec = load_benchmark("fmnist"), get_spec("emoji")
     fm = fm_bench.val.subset(limit)
@@ -289,7 +289,7 @@ def lit_file_contents(head: BridgeTextHead, bridge_meta: dict, cfg: AlignConfig,
         "method": "LiT-style: both towers frozen, bridge head (ridge map + kernel keys) trained",
         "data": f"Debian openclipart-png, {n_pairs} image-caption pairs (titles filtered by Debian wordnet-base)",
         "anchor": "ImageNet class-name rows of the bridge", "base_sha256": file_sha256(BRIDGE_FILE),
-        "config": asdict(cfg), "validation": scores, "command": "python -m radapter.offline_model.align",
+        "config": asdict(cfg), "validation": scores, "command": "python -m radapter.models.offline.align",
     }, sort_keys=True)
     return tensors, meta
 

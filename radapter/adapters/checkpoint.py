@@ -19,13 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
+from ..errors import CheckpointError, PlacementError
+from ..models.registry import model_info
 from .config import RAdapterConfig
-from .errors import CheckpointError, PlacementError
 from .fingerprint import compute_fingerprint, float_dtype
 from .inject import DEFAULT_ADAPTER, adapter_state, attach_adapters, iter_adapters, require_state
 from .merge import merge_adapters
-from .models import model_info
 from .placement import resolve_sites
 
 FORMAT = "radapter-adapters"

@@ -1,7 +1,7 @@
 """Quick sanity numbers for the offline default model, on sample photos and *train* data only.
 
-    python -m radapter.offline_model.sanity                 # build time, fingerprint, photos, speed
-    python -m radapter.offline_model.sanity --fmnist 2000   # + zero-shot on Fashion-MNIST train images
+    python -m radapter.models.offline.sanity                 # build time, fingerprint, photos, speed
+    python -m radapter.models.offline.sanity --fmnist 2000   # + zero-shot on Fashion-MNIST train images
 
 Fashion-MNIST images are white-on-black 28 x 28; they are inverted to dark-on-white (like
 product photos) and read from the Debian ``dataset-fashion-mnist`` files. Only the train
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
-from ..fingerprint import compute_fingerprint
-from ..models import DEFAULT_MODEL, load_model
-from ..zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, render
+from ...adapters.fingerprint import compute_fingerprint
+from ...evaluation.zero_shot import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, render
+from ..registry import DEFAULT_MODEL, load_model
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_NAMES = {

@@ -3,7 +3,7 @@
 The folder holds ``open_clip_config.json`` and ``open_clip_model.safetensors`` and loads
 with ``open_clip.create_model_and_transforms('local-dir:/path')``, no radapter needed.
 The offline model is rewritten with stock open_clip modules first
-(:mod:`radapter.offline_model.export`), which is possible only for some text heads.
+(:mod:`radapter.models.offline.export`), which is possible only for some text heads.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import open_clip
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_dir
-from .errors import RAdapterError
+from ..atomic import atomic_dir
+from ..errors import RAdapterError
+from ..models.offline import export as offline_export
+from ..models.registry import model_info
 from .fingerprint import base_state_dict
 from .inject import require_state
 from .merge import AlphaSpec, merge_adapters, merged_alphas, unmerge_adapters
-from .models import model_info
-from .offline_model import export as offline_export
 
 
 def export_merged(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import RAdapterError
+from ..errors import RAdapterError
 from .inject import ADAPTER_ATTR, STATE_ATTR, AdapterSet, Site, require_state
 from .merge import AlphaSpec, merge_adapters, unmerge_adapters
 from .sites import unlink_fold_target

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inject import adapter_state
-from .merge import merge_adapters, unmerge_adapters
+from ..adapters.inject import adapter_state
+from ..adapters.merge import merge_adapters, unmerge_adapters
 from .zero_shot import Template, encode_texts, render
 
 VIT_METHODS = ("clearclip", "sclip", "maskclip", "plain")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RAdapterError
+from ...errors import RAdapterError
 from .build import IMAGE_WIDTH, TEXT_WIDTH, AppendConstant, BridgeCLIP, BridgeTextHead, minilm_path, model_config
 
 #: What the export folder needs from the MiniLM package: the BERT config (for ``AutoConfig``)
@@ -63,7 +63,7 @@ def open_clip_parts(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Path]]:
     """``(model_cfg, state dict, files to copy)`` of the stock model equal to the merged one.
 
-    ``tensors`` is the merged base state dict (:func:`radapter.fingerprint.base_state_dict`);
+    ``tensors`` is the merged base state dict (:func:`radapter.adapters.fingerprint.base_state_dict`);
     ``out_dir`` is where the folder will live (its absolute path goes into the config).
     """
     values = tensors["visual.head.values"]
