@@ -21,7 +21,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import CheckpointError, PlacementError
-from ..models.registry import model_info
+from ..models.info import model_info
 from .config import RAdapterConfig
 from .fingerprint import compute_fingerprint, float_dtype
 from .inject import DEFAULT_ADAPTER, adapter_state, attach_adapters, iter_adapters, require_state

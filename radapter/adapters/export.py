@@ -19,8 +19,8 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..errors import RAdapterError
+from ..models.info import model_info
 from ..models.offline import export as offline_export
-from ..models.registry import model_info
 from .fingerprint import base_state_dict
 from .inject import require_state
 from .merge import AlphaSpec, merge_adapters, merged_alphas, unmerge_adapters

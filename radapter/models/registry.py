@@ -18,7 +18,6 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import open_clip
 from torch import nn
 
 from ..errors import ModelLoadError
+from .info import ModelInfo
 from .text_padding import trim_text_padding
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,6 @@ BRIDGE_MODEL = "effnet-lite0-minilm-bridge"
 LoadedModel = tuple[nn.Module, Callable, Callable]
 Builder = Callable[..., LoadedModel]
 _BUILDERS: dict[str, Builder] = {}
-
-
-@dataclass
-class ModelInfo:
-    """How a model was loaded; kept on the model as ``radapter_model_info`` for export."""
-
-    name: str
-    pretrained: str | None = None
-    model_cfg: dict[str, Any] | None = None
-    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str | None = None
 
 
 def register_model(name: str, builder: Builder) -> None:
@@ -158,10 +147,6 @@ def _offline_builder(name: str) -> Builder:
 
 register_model(DEFAULT_MODEL, _offline_builder(DEFAULT_MODEL))
 register_model(BRIDGE_MODEL, _offline_builder(BRIDGE_MODEL))
-
-
-def model_info(model: nn.Module) -> ModelInfo | None:
-    return getattr(model, "radapter_model_info", None)
 
 
 def read_local_dir_config(path: str | Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from ...errors import ModelLoadError
-from ..registry import ModelInfo
+from ..info import ModelInfo
 
 #: The ImageNet bridge only (``fit_bridge``).
 BRIDGE_NAME = "effnet-lite0-minilm-bridge"
