@@ -64,7 +64,10 @@ HELP = {
     "seed": "seed for everything (data order, captions, init, dropping)",
     "out_dir": "output folder: adapter.safetensors, metrics.json, sweep.png, config.json, checkpoint.pt",
     "log_every": "log a line every N steps", "ckpt_every": "write a resumable checkpoint every N steps",
-    "resume": "continue from out_dir/checkpoint.pt exactly where it stopped",
+    "resume": "continue from out_dir/checkpoint.pt exactly where it stopped (checkpoint.prev.pt if that one is "
+              "unreadable); refuses changed options that alter the run",
+    "resume_allow_changes": "with --resume, continue with changed options that alter the run (--lr, --steps, "
+                            "the data, ...) instead of refusing them",
     "eval_limit": "at most this many images per evaluation set", "eval_alphas": "alpha grid points in 0..1",
     "test_sweep": "evaluate the test split at every alpha (--no-test-sweep: only the chosen alpha and 1, "
                   "which is all the results table needs; validation always sweeps)",

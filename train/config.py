@@ -14,6 +14,17 @@ from typing import Any
 
 METHODS = ("r-adapter", "drm", "full-ft", "full-ft-drm", "lora", "linear-probe", "zero-shot")
 
+# Options that do not change what a run trains (placement, speed, logging, evaluation): a
+# resumed run may change them. Every other option alters the run: ``--resume`` refuses a
+# change of one unless ``--resume-allow-changes`` is given.
+RESUME_FREE = frozenset({
+    "val_folder", "test_folder", "drm_beta", "grad_checkpointing", "device", "workers", "keep_freed_memory",
+    "out_dir", "log_every", "ckpt_every", "resume", "resume_allow_changes", "eval_limit", "eval_alphas",
+    "test_sweep", "default_alpha",
+})
+# Options that decide which tensors the checkpoint holds: no resume can change them.
+RESUME_FIXED = frozenset({"method", "model", "pretrained", "rank", "lora_rank"})
+
 
 @dataclass
 class TrainConfig:
@@ -73,6 +84,7 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 100
     resume: bool = False
+    resume_allow_changes: bool = False  # --resume may change settings that alter the run
     eval_limit: int | None = None
     eval_alphas: int = 11  # alpha grid points for the sweep (0..1)
     test_sweep: bool = True  # False: the test split only at the chosen alpha and at 1 (validation still sweeps)
@@ -114,6 +126,26 @@ class TrainConfig:
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:
         return list(dataclasses.fields(cls))
+
+
+def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """The run-altering options whose value in ``cfg`` differs from the ``saved`` config, as
+    ``(name, old, new)``; an option missing from ``saved`` counts as its default."""
+    changes = []
+    for f in TrainConfig.fields():
+        if f.name in RESUME_FREE:
+            continue
+        old, new = saved.get(f.name, f.default), getattr(cfg, f.name)
+        if f.name == "epochs" and cfg.steps is not None and saved.get("steps") is not None:
+            continue  # --steps decides the length in both runs
+        if old != new:
+            changes.append((f.name, old, new))
+    return changes
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """``--lr 0.0005 -> 0.001, --steps 6 -> 8``: the changes as flags with old and new values."""
+    return ", ".join(f"--{name.replace('_', '-')} {old!r} -> {new!r}" for name, old, new in changes)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """The training loop: AdamW + warm-up cosine, gradient clipping, EMA, atomic checkpoints, exact resume, DDP.
 
+Checkpoints: ``checkpoint.pt`` and the one before it, ``checkpoint.prev.pt``; ``--resume``
+falls back to the previous one when the latest is unreadable, and refuses a checkpoint
+written with other run-altering options unless ``--resume-allow-changes``.
+
 Run with ``torchrun --nproc_per_node N -m train ...`` for data parallelism (gloo on CPU,
 nccl on GPU); ``--batch-size`` is the global batch, split evenly over processes.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,13 +29,15 @@ import radapter
 from radapter.atomic import atomic_path
 from radapter.evaluation.zero_shot import encode_texts
 
-from .config import TrainConfig
+from .config import RESUME_FIXED, TrainConfig, describe_changes, resume_changes
 from .data import StepBatchSampler, TrainData
 from .objectives import DualEncoder, class_prompts, contrastive_loss, drm_loss, logit_scale, normalise_core
 from .structures import prepare_trainable, set_train_mode
 
 log = logging.getLogger("train")
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+STATE_KEYS = ("step", "model", "optimizer", "scheduler", "rng_cpu", "rng_cuda", "scaler", "config")
 
 
 @dataclass
@@ -83,34 +90,190 @@ def trainable_state(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if ".radapter." in k or "lora_" in k}
 
 
-def save_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, opt, sched, step: int, scaler=None) -> None:
+class UnreadableCheckpoint(radapter.RAdapterError):
+    """A checkpoint file is truncated, corrupt or not a training checkpoint."""
+
+
+def save_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, opt, sched, step: int, scaler=None,
+                    loss: float | None = None) -> None:
+    """Write the resumable state atomically; the file is synced to disk before it replaces the old one.
+
+    ``loss`` is the last step's loss: a run resumed after its last step reports it.
+    """
     state = {
         "step": step, "model": trainable_state(model, cfg), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "scaler": scaler.state_dict() if scaler is not None else {}, "config": cfg.to_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {}, "config": cfg.to_dict(), "loss": loss,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
 
 
-def load_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, opt, sched, scaler=None) -> tuple[int, dict]:
-    """Restore model, optimiser, scheduler and scaler; returns the step and the RNG states to
-    restore once the data iterator exists (creating it draws from the global RNG)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    mismatched = {k for k in ("method", "batch_size", "seed", "model") if state["config"].get(k) != getattr(cfg, k)}
-    if mismatched:
-        raise radapter.RAdapterError(f"{path} was written by a different run (differs in {sorted(mismatched)}); "
-                                     "use another --out-dir or drop --resume")
-    missing = set(state["model"]) - set(model.state_dict())
-    if missing:
-        raise radapter.RAdapterError(f"{path} does not fit this model ({len(missing)} unknown tensors)")
+def keep_as_previous(latest: Path, previous: Path) -> None:
+    """Make ``previous`` the same file as ``latest``, atomically: a hard link (no extra disk), else a copy."""
+    with atomic_path(previous) as tmp:
+        tmp.unlink()
+        try:
+            os.link(latest, tmp)
+        except OSError:
+            shutil.copyfile(latest, tmp)
+
+
+class CheckpointFiles:
+    """A run's ``checkpoint.pt`` and the one written before it, ``checkpoint.prev.pt``.
+
+    Each save keeps the latest checkpoint as the previous one, so at most two are on disk.
+    A latest file this run neither wrote nor resumed from (another run's, or an unreadable
+    one) is never kept, and another run's previous one is removed at the first save, with the
+    temporary files of writes that were killed part-way.
+    """
+
+    def __init__(self, out: Path, resumed_from: Path | None = None) -> None:
+        self.latest, self.previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+        self._latest_ours = resumed_from == self.latest
+        self._previous_ours = resumed_from is not None
+        self._saved = False
+
+    def save(self, model: nn.Module, cfg: TrainConfig, opt, sched, step: int, scaler=None,
+             loss: float | None = None) -> None:
+        if not self._saved:
+            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+                for stale in self.latest.parent.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+        if self._latest_ours and self.latest.is_file():
+            keep_as_previous(self.latest, self.previous)
+        elif not self._previous_ours:
+            self.previous.unlink(missing_ok=True)
+        save_checkpoint(self.latest, model, cfg, opt, sched, step, scaler, loss)
+        self._latest_ours = self._previous_ours = self._saved = True
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``; ``UnreadableCheckpoint`` (one line naming it) if it fails."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated or corrupt: RuntimeError, EOFError, UnpicklingError, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UnreadableCheckpoint(f"{path} is unreadable ({reason})") from e
+    if not isinstance(state, dict) or not set(STATE_KEYS) <= state.keys():
+        raise UnreadableCheckpoint(f"{path} is not a training checkpoint")
+    return state
+
+
+def check_resume_config(path: Path, saved: dict[str, Any], cfg: TrainConfig, *, main: bool = True) -> None:
+    """Refuse to resume ``path`` when its run had other run-altering options, naming them (old -> new).
+
+    ``cfg.resume_allow_changes`` accepts the changes (with a warning), except for the options
+    that decide which tensors the checkpoint holds (method, model, ranks).
+    """
+    changes = resume_changes(saved, cfg)
+    fixed = [name for name, _, _ in changes if name in RESUME_FIXED]
+    if fixed:
+        raise radapter.RAdapterError(
+            f"{path} belongs to another run ({describe_changes(changes)}); {', '.join(fixed)} cannot change on "
+            "resume: use another --out-dir or drop --resume")
+    if changes and not cfg.resume_allow_changes:
+        raise radapter.RAdapterError(
+            f"{path} was written with other options ({describe_changes(changes)}); pass --resume-allow-changes to "
+            "continue with the new ones, or use another --out-dir, or drop --resume")
+    if changes and main:
+        log.warning("resuming %s with changed options (--resume-allow-changes): %s", path, describe_changes(changes))
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resumed run continues from; ``restore_checkpoint`` empties ``state``."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+def find_resume_point(out: Path, cfg: TrainConfig, *, main: bool = True) -> ResumePoint | None:
+    """What ``--resume`` continues from: ``checkpoint.pt``, else (with a warning) ``checkpoint.prev.pt``
+    when the latest is unreadable or missing; None when neither exists (a fresh start).
+
+    Raises ``UnreadableCheckpoint`` when neither is readable, and ``RAdapterError`` when the
+    checkpoint was written with other run-altering options (see ``check_resume_config``).
+    """
+    latest, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    if not latest.is_file() and not previous.is_file():
+        return None
+    problems = []
+    for path in (latest, previous):
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        try:
+            state = read_checkpoint(path)
+        except UnreadableCheckpoint as e:
+            problems.append(str(e))
+            continue
+        check_resume_config(path, state["config"], cfg, main=main)
+        if problems and main:
+            log.warning("%s; resuming from %s (step %d)", "; ".join(problems), path, state["step"])
+        return ResumePoint(path, state)
+    raise UnreadableCheckpoint(f"cannot resume: {'; '.join(problems)}; use another --out-dir or drop --resume")
+
+
+def _apply_optimiser_options(opt, sched, cfg: TrainConfig) -> None:
+    """Learning rate and weight decay come from ``cfg``, the schedule's position from the checkpoint.
+
+    Unchanged options give the restored values exactly; options accepted by
+    ``--resume-allow-changes`` (lr, weight decay, warm-up, length) apply from the resumed step.
+    """
+    sched.base_lrs = [cfg.lr for _ in opt.param_groups]
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay
+        group["lr"] = cfg.lr * factor(sched.last_epoch)
+
+
+def restore_checkpoint(resume: ResumePoint, model: nn.Module, cfg: TrainConfig, opt, sched,
+                       scaler=None) -> tuple[int, dict, float | None]:
+    """Restore model, optimiser, scheduler and scaler, then empty ``resume.state`` (freeing its tensors).
+
+    Returns the step, the RNG states to restore once the data iterator exists (creating it
+    draws from the global RNG) and the checkpoint's last loss (None where it has none).
+    """
+    state = resume.state
+    expected = set(trainable_state(model, cfg))
+    unknown, missing = set(state["model"]) - expected, expected - set(state["model"])
+    if unknown or missing:
+        raise radapter.RAdapterError(f"{resume.path} does not fit this model ({len(unknown)} unknown tensors, "
+                                     f"{len(missing)} missing)")
     model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    _apply_optimiser_options(opt, sched, cfg)
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    return int(state["step"]), {"cpu": state["rng_cpu"], "cuda": state["rng_cuda"]}
+    step, rng, loss = int(state["step"]), {"cpu": state["rng_cpu"], "cuda": state["rng_cuda"]}, state.get("loss")
+    state.clear()
+    return step, rng, None if loss is None else float(loss)
+
+
+def load_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, opt, sched, scaler=None) -> tuple[int, dict]:
+    """Check and restore ``path`` (see ``restore_checkpoint``); returns the step and the RNG states."""
+    state = read_checkpoint(path)
+    check_resume_config(path, state["config"], cfg)
+    step, rng, _ = restore_checkpoint(ResumePoint(path, state), model, cfg, opt, sched, scaler)
+    return step, rng
+
+
+def final_loss(loss: float | None, resumed: bool) -> dict[str, Any]:
+    """The summary's ``final_loss``: a finite number, or None with ``final_loss_note`` saying why."""
+    if loss is None:
+        why = ("resumed after the last step from a checkpoint that does not record its loss" if resumed
+               else "no training step ran")
+        return {"final_loss": None, "final_loss_note": why}
+    if not math.isfinite(loss):
+        return {"final_loss": None, "final_loss_note": f"the last step's loss was not finite ({loss})"}
+    return {"final_loss": loss}
 
 
 def restore_rng(rng: dict) -> None:
@@ -160,8 +323,9 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
 
 def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: TrainConfig, device: torch.device,
-                 world: Dist) -> dict[str, Any]:
-    """Train ``model`` in place; returns a summary (steps, final loss, timing)."""
+                 world: Dist, resume: ResumePoint | None = None) -> dict[str, Any]:
+    """Train ``model`` in place, continuing from ``resume`` if given (see ``find_resume_point``);
+    returns a summary (steps, final loss, timing)."""
     out = Path(cfg.out_dir)
     if cfg.precision == "fp16" and device.type != "cuda":
         log.warning("--precision fp16 needs a GPU; training in fp32 on %s (bf16 autocast runs on CPU)", device)
@@ -178,12 +342,12 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, steps))
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.precision == "fp16" else None
-    start, rng = 0, None
-    ckpt = out / CHECKPOINT
-    if cfg.resume and ckpt.is_file():
-        start, rng = load_checkpoint(ckpt, model, cfg, opt, sched, scaler)
+    start, rng, last_loss = 0, None, None
+    if resume is not None:
+        start, rng, last_loss = restore_checkpoint(resume, model, cfg, opt, sched, scaler)
         if world.main:
-            log.info("resumed from %s at step %d", ckpt, start)
+            log.info("resumed from %s at step %d", resume.path, start)
+    checkpoints = CheckpointFiles(out, resume.path if resume is not None else None)
     micro_batch = cfg.batch_size
     sampler = StepBatchSampler(len(data), micro_batch, cfg.seed, start * cfg.accum_steps, steps * cfg.accum_steps,
                                world.rank, world.world_size)
@@ -200,7 +364,7 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
         else None
     local = micro_batch // world.world_size
     bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method}", disable=not world.main)
-    t0, loss_value, extra, step = time.time(), float("nan"), {}, start
+    t0, loss_value, extra, step = time.time(), last_loss, {}, start
     set_train_mode(model, cfg)
     batches = iter(loader)
     if rng is not None:
@@ -243,10 +407,10 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
             log.info("step %d/%d  loss %.4f %s lr %.2e  %.1f img/s", step, steps, loss_value, parts,
                      sched.get_last_lr()[0], rate)
         if world.main and not cfg.dry_run and (step % cfg.ckpt_every == 0 or step == steps):
-            save_checkpoint(ckpt, model, cfg, opt, sched, step, scaler)
+            checkpoints.save(model, cfg, opt, sched, step, scaler, loss=loss_value)
     bar.close()
     model.eval()
     if world.world_size > 1:
         dist.barrier()
-    return {"steps": step, "final_loss": loss_value, "seconds": round(time.time() - t0, 2),
+    return {"steps": step, **final_loss(loss_value, resume is not None), "seconds": round(time.time() - t0, 2),
             "examples": len(data), "trainable_parameters": sum(p.numel() for p in params)}

@@ -243,9 +243,9 @@ def run_matrix(runs: list[Run], root: Path, settings: Settings, *, jobs: int, th
             rec = {"run": run.key, "status": "not started"}
         else:
             rec = execute(run, root, settings, python=python, env=env, deadline=deadline)
-            ckpt = run.out_dir(root) / "checkpoint.pt"
-            if rec["status"] == "done" and not keep_checkpoints and ckpt.exists():
-                ckpt.unlink()
+            if rec["status"] == "done" and not keep_checkpoints:
+                for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+                    (run.out_dir(root) / name).unlink(missing_ok=True)
         with lock:
             records.append(rec)
             if rec["status"] != "not started":
@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: 1)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: start nothing after it and stop running runs (they resume next time)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of finished runs")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep checkpoint.pt (and checkpoint.prev.pt) of finished runs")
     p.add_argument("--expect-fingerprint", default=None, help="refuse to run unless the model has this fingerprint")
     p.add_argument("--no-fingerprint", action="store_true", help="do not load the model to record its fingerprint")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")

@@ -16,7 +16,7 @@ from radapter.evaluation import plot_alpha_sweep
 from .config import TrainConfig
 from .data import build_train_data
 from .evaluate import alpha_setter, evaluate_retrieval_task, final_evaluation, linear_probe
-from .loop import init_distributed, resolve_device, run_training
+from .loop import find_resume_point, init_distributed, resolve_device, run_training
 from .lora import merge_lora
 
 log = logging.getLogger("train")
@@ -32,12 +32,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if device.type == "cpu" and cfg.keep_freed_memory and radapter.keep_freed_memory():
         log.info("malloc keeps freed memory for reuse (--no-keep-freed-memory for glibc's defaults)")
     world = init_distributed(device)
+    out = Path(cfg.out_dir)
+    trains = cfg.method not in ("zero-shot", "linear-probe")
+    # Checked before anything is loaded or written: a refused resume leaves the folder as it was.
+    resume = find_resume_point(out, cfg, main=world.main) if cfg.resume and trains else None
     torch.manual_seed(cfg.seed)  # also makes random-init models (tests, timing) identical across processes
     model, preprocess, tokenizer = (radapter.load_model(cfg.model, pretrained=cfg.pretrained) if cfg.model
                                     else radapter.load_model())
     model.to(device)
     data = build_train_data(cfg)
-    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if world.main:
         cfg.save(out / "config.json")
@@ -46,8 +49,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     full = cfg.method in ("full-ft", "full-ft-drm")
     theta0 = _clone_state(model) if full else None
     summary: dict[str, Any] = {}
-    if cfg.method not in ("zero-shot", "linear-probe"):
-        summary = run_training(model, tokenizer, preprocess, data, cfg, device, world)
+    if trains:
+        summary = run_training(model, tokenizer, preprocess, data, cfg, device, world, resume)
     if not world.main:
         return {}
     if cfg.method == "lora":
@@ -73,7 +76,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                default_alpha=alpha if alpha is not None else 0.5,
                                training={"method": cfg.method, "benchmark": cfg.benchmark, "task": cfg.task,
                                          "steps": summary.get("steps"), "seed": cfg.seed,
-                                         "final_loss": summary.get("final_loss")}, **extra)
+                                         "final_loss": summary.get("final_loss"),
+                                         **({"final_loss_note": summary["final_loss_note"]}
+                                            if "final_loss_note" in summary else {})}, **extra)
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, default=float))
     sweep = results.get("all", {}).get("sweep") or results.get("base", {}).get("sweep")
