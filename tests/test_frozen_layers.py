@@ -99,8 +99,14 @@ def test_a_copy_of_a_lean_model_uses_its_own_weights_and_stays_lean(how):
         buf.seek(0)
         twin = torch.load(buf, weights_only=False)
     assert twin.conv1.forward.args[0] is twin.conv1  # bound to the copy, still the lean path
+    assert twin.bn2.forward.args[0] is twin.bn2 and twin.attn._forward_pre_hooks
     x = torch.randn(1, 3, 16, 16, requires_grad=True)
     assert torch.equal(twin(x), lean(x))
+    # The copy keeps as little for backward as the original and gives the same input gradients.
+    kept = [_saved_bytes(lambda m=m: m(x)) for m in (lean, twin)]
+    assert kept[0] == kept[1], kept
+    grads = [torch.autograd.grad(m(x).square().sum(), x)[0] for m in (lean, twin)]
+    assert torch.equal(grads[0], grads[1])
     with torch.no_grad():
         twin.conv1.weight.zero_()
     assert not torch.equal(twin(x), lean(x))
@@ -180,3 +186,14 @@ def test_lean_layers_backward_under_autocast_matches_stock():
         grads.append(torch.autograd.grad(y.float().square().sum(), xi)[0])
     assert grads[1].dtype == torch.float32
     torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05 * grads[0].abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["r-adapter", "drm", "lora", "full-ft"])
+def test_training_turns_the_lean_layers_on_for_peft_methods(method):
+    from train.config import TrainConfig
+    from train.structures import prepare_trainable
+
+    model, _, _ = radapter.load_model(radapter.TINY_MODEL)
+    prepare_trainable(model, TrainConfig(method=method, model=radapter.TINY_MODEL, rank=4, lora_rank=2))
+    lean = any(getattr(m, "_radapter_lean", False) for m in model.modules())
+    assert lean == (method != "full-ft")  # full fine-tuning trains every layer: nothing to lean
