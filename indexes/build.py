@@ -13,9 +13,10 @@ below PATH; label = sub-folder), table:PATH[,IMAGE_ROOT] (CSV/JSONL of image,cap
 coco:CAPTIONS.json,IMAGE_DIR, captions:PATH (one caption per line), or a plain folder or
 table path.
 
-Writes are atomic: a failed or interrupted build leaves the previous index intact, and
-re-running the same command resumes from the chunks already embedded. A folder that is
-already up to date (same model, adapter, alpha, collection and index type) is left alone.
+Writes are atomic: a failed or interrupted build or add (even one killed) leaves the previous
+index intact, the next run of the same folder cleans up what it left, and re-running the same
+command resumes from the chunks already embedded. A folder that is already up to date (same
+model, adapter, alpha, collection and index type) is left alone.
 Index types: flat (exact; default up to 100k items), hnsw (default up to 5M), ivf, ivfpq
 (default beyond: least memory), factory (any faiss index_factory string).
 See docs/indexes.md.
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> list[BuildResult]:
     """Carry out a parsed build command; returns what each build did."""
     from .cache import IndexCache, build_alpha_grid
     from .embedder import Embedder
-    from .store import add_to_index, build_index, read_manifest, reindex
+    from .store import add_to_index, build_index, read_manifest, recover, reindex
 
     params = index_params(args)
     if not args.out and not args.cache:
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> list[BuildResult]:
         r = cache.get_or_build(embedder, coll, chunk_size=args.chunk_size, progress=progress, **common)
         return [r.build or BuildResult(r.index.path, "cached", r.index.manifest)]
     if args.add:
+        recover(args.out)  # an add or build killed mid-swap: restore the index first
         read_manifest(args.out)  # a clear error when there is nothing to add to
         return [add_to_index(args.out, embedder, coll, chunk_size=args.chunk_size, progress=progress, **common)]
     return [build_index(args.out, embedder, coll, chunk_size=args.chunk_size, force=args.force, progress=progress,

@@ -10,6 +10,7 @@ which alpha that is: queries must then be embedded with the model merged at *tha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from radapter.atomic import leftovers
 from radapter.evaluation import alpha_grid
 
 from .collection import Collection
@@ -24,7 +26,18 @@ from .embedder import Embedder
 from .errors import IndexStoreError
 from .index import RetrievalIndex
 from .keys import IndexKey, ModelKey, normalize_alpha
-from .store import DEFAULT_CHUNK, BuildResult, build_index, manifest_key, read_manifest, spec_matches
+from .store import (
+    DEFAULT_CHUNK,
+    BuildResult,
+    build_index,
+    drop_work,
+    locked,
+    manifest_key,
+    read_manifest,
+    recover,
+    spec_matches,
+    work_dir,
+)
 
 
 @dataclass
@@ -94,6 +107,7 @@ class IndexCache:
         key = IndexKey(embedder.key, collection.hash())
         cached = self.get(key)
         if cached is not None and spec_matches(cached.manifest, index_type, index_params):
+            _tidy(cached.path)
             return CacheResult(cached, True)
         result = build_index(self.path_for(key), embedder, collection, index_type=index_type,
                              index_params=index_params, chunk_size=chunk_size, progress=progress)
@@ -114,6 +128,16 @@ class IndexCache:
             if max_distance is not None and abs(best - alpha) > max_distance + 1e-12:
                 return None
         return NearestIndex(RetrievalIndex(built[best]), best, alpha)
+
+
+def _tidy(path: Path) -> None:
+    """Clean up beside a cached, up-to-date index what killed runs left (their work folder is stale: the
+    folder is named by its key); skipped while a run of that folder holds its lock (it cleans up itself)."""
+    if not (leftovers(path) or work_dir(path).exists()):
+        return
+    with contextlib.suppress(TimeoutError), locked(path, timeout=0):
+        recover(path)
+        drop_work(path)
 
 
 def get_or_build(cache: IndexCache | str | Path, embedder: Embedder, collection: Collection,

@@ -14,7 +14,9 @@ autofaiss and vector databases ingest; metadata as JSON lines instead of parquet
 A build embeds into a work folder beside the index (``.INDEX.work/``, one ``.npy`` per
 chunk, each written atomically), then assembles the new index in a temporary folder and
 swaps it in: an interrupted or failed build leaves the previous index as it was, and
-re-running it reuses the chunks already embedded.
+re-running it reuses the chunks already embedded. A build, add or re-index killed at any
+point leaves the previous index or the new one, complete; the next one of that folder
+cleans up what the killed one left (:func:`recover`). See docs/indexes.md, "Crash safety".
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import radapter
-from radapter.atomic import atomic_dir, atomic_path
+from radapter.atomic import atomic_dir, atomic_path, crash_point, discard, folder_lock, recover_dir
 
 from . import ann
 from .collection import PARTS, Collection, collection_hash
@@ -54,6 +56,10 @@ PART_FILES = {
     "text": {"index": "text.index", "emb": "text_emb/text_emb_{:04d}.npy", "meta": "metadata/text_{:04d}.jsonl"},
 }
 DEFAULT_CHUNK = 4096
+#: The steps a build or add reports to :func:`radapter.atomic.crash_point`, besides those of
+#: :data:`radapter.atomic.STEPS`: a chunk of embeddings written, a part assembled, the new index swapped in
+#: (its work folder not yet removed).
+CRASH_STEPS = ("index.chunk", "index.part", "index.swapped")
 
 
 @dataclass
@@ -93,42 +99,57 @@ def manifest_key(manifest: dict[str, Any]) -> IndexKey:
     return IndexKey(ModelKey.from_json(manifest["key"]), manifest["collection"]["hash"])
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` across processes (``fcntl``; a no-op where unavailable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
-    with open(lock, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def locked(path: Path, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+    """The exclusive lock of index folder ``path`` (``.NAME.lock`` beside it): across processes and
+    threads, re-entrant within a thread (the lock :func:`~radapter.atomic.atomic_dir` takes).
+    ``timeout``: seconds to wait before :class:`TimeoutError` (default: no limit)."""
+    return folder_lock(path, timeout)
 
 
-# ----------------------------------------------------------------------------- embedding, resumable
-def _work_dir(out: Path) -> Path:
+def work_dir(out: Path) -> Path:
+    """The work folder of index folder ``out``: ``.NAME.work/`` beside it."""
     return out.with_name(f".{out.name}.work")
 
 
-def _prepare_work(work: Path, identity: dict[str, Any]) -> None:
-    """Keep the work folder if it belongs to the same job, else start it afresh."""
+def recover(path: str | Path) -> list[str]:
+    """Clean up what interrupted builds, adds or re-indexes of index folder ``path`` left, under its lock.
+
+    Restores the previous index if a swap was cut between its two renames, deletes half-built
+    temporary folders and stray partial chunk files; keeps the work folder's complete chunks
+    (a re-run resumes from them). Returns what was done, one line each.
+    """
+    path = Path(path)
+    with locked(path):
+        done = recover_dir(path)
+        work = work_dir(path)
+        if work.is_dir():
+            for stray in work.glob(".*.tmp"):  # a chunk file killed while being written
+                stray.unlink(missing_ok=True)
+                done.append(f"removed {work.name}/{stray.name}")
+    return done
+
+
+def drop_work(out: Path) -> None:
+    """Delete the work folder of ``out`` (kept until the index it was for is swapped in)."""
+    discard(work_dir(out), out)
+
+
+# ----------------------------------------------------------------------------- embedding, resumable
+def _prepare_work(out: Path, identity: dict[str, Any]) -> Path:
+    """The work folder of ``out``: kept if it belongs to the same job, else started afresh."""
+    work = work_dir(out)
     info = work / "work.json"
     if info.is_file():
         try:
             if json.loads(info.read_text()) == identity:
-                return
+                return work
         except (OSError, json.JSONDecodeError):
             pass
-    shutil.rmtree(work, ignore_errors=True)
+    discard(work, out)
     work.mkdir(parents=True)
     with atomic_path(info) as tmp:
         tmp.write_text(json.dumps(identity, indent=1))
+    return work
 
 
 def _embed_chunks(embedder: Embedder, part: str, items: Sequence[Any], digests: Sequence[str], work: Path,
@@ -159,6 +180,7 @@ def _embed_chunks(embedder: Embedder, part: str, items: Sequence[Any], digests: 
             with atomic_path(file) as tmp, open(tmp, "wb") as f:
                 np.save(f, np.concatenate(batches).astype(np.float32, copy=False))
             embedded += n
+            crash_point("index.chunk")
     return files, embedded, initial
 
 
@@ -245,15 +267,17 @@ def build_index(
         raise IndexBuildError(f"collection {collection.name!r} has nothing to index")
     key = IndexKey(embedder.key, collection.hash())
     with locked(out):
+        recover(out)
         with contextlib.suppress(IndexStoreError):
             old = read_manifest(out)
             if not force and manifest_key(old) == key:
                 if spec_matches(old, index_type, index_params):
+                    drop_work(out)  # left by a run killed after its swap
                     return BuildResult(out, "up to date", old, seconds=time.perf_counter() - t0)
                 manifest = _reindex(out, index_type, index_params)  # same embeddings, another index type
+                drop_work(out)
                 return BuildResult(out, "re-indexed", manifest, seconds=time.perf_counter() - t0)
-        work = _work_dir(out)
-        _prepare_work(work, {"key": key.model.to_json(), "chunk": chunk_size})
+        work = _prepare_work(out, {"key": key.model.to_json(), "chunk": chunk_size})
         items = {p: (collection.images if p == "image" else collection.texts, collection.digests(p))
                  for p in collection.parts}
         files, embedded, reused = _embed_or_stop(embedder, work, chunk_size, progress, items,
@@ -269,6 +293,7 @@ def build_index(
                 spec = ann.choose_spec(len(vectors), dim, index_type, **(index_params or {}))
                 index, trained_on = ann.build(vectors, spec)
                 size = _write_part_index(tmp, part, index)
+                crash_point("index.part")
                 parts[part] = {
                     "count": int(index.ntotal),
                     "index": {**spec.to_json(), "trained_on": trained_on, "file": PART_FILES[part]["index"],
@@ -281,7 +306,8 @@ def build_index(
                                     "added": {p: v["count"] for p, v in parts.items()},
                                     "seconds": round(time.perf_counter() - t0, 3)}]
             _write_manifest(tmp, manifest)
-        shutil.rmtree(work, ignore_errors=True)
+        crash_point("index.swapped")
+        drop_work(out)
     return BuildResult(out, "built", manifest, embedded, reused, time.perf_counter() - t0)
 
 
@@ -467,6 +493,7 @@ def add_to_index(
     out = Path(out)
     t0 = time.perf_counter()
     with locked(out):
+        recover(out)
         old = read_manifest(out)
         check_key(ModelKey.from_json(old["key"]), embedder.key, f"index {out}")
         old_rows = {p: read_rows(out, old, p) for p in PARTS}
@@ -475,10 +502,10 @@ def add_to_index(
         digests = {p: collection.digests(p) for p in PARTS}
         new = {p: _new_positions(digests[p], known[p]) for p in PARTS}
         if not any(new.values()):
+            drop_work(out)  # left by a run killed after its swap
             return BuildResult(out, "up to date", old, seconds=time.perf_counter() - t0)
         items = {p: (collection.subset(p, new[p])[0], [digests[p][j] for j in new[p]]) for p in PARTS if new[p]}
-        work = _work_dir(out)
-        _prepare_work(work, {"key": old["key"], "chunk": chunk_size})
+        work = _prepare_work(out, {"key": old["key"], "chunk": chunk_size})
         files, embedded, reused = _embed_or_stop(embedder, work, chunk_size, progress, items,
                                                  f"adding to {out}", "the index is intact")
         dim = _dim(files)
@@ -512,6 +539,7 @@ def add_to_index(
                     index, trained_on = ann.build(vectors, spec)
                     info["index"] = {**spec.to_json(), "trained_on": trained_on, "file": PART_FILES[part]["index"]}
                 info["index"]["bytes"] = _write_part_index(tmp, part, index)
+                crash_point("index.part")
                 info["count"] = int(index.ntotal)
                 info["shards"].append({"embeddings": rel_emb, "metadata": rel_meta, "first_id": first,
                                        "count": len(vectors)})
@@ -526,7 +554,8 @@ def add_to_index(
                                         "added": {p: len(v) for p, v in new.items() if v},
                                         "seconds": round(time.perf_counter() - t0, 3)})
             _write_manifest(tmp, manifest)
-        shutil.rmtree(work, ignore_errors=True)
+        crash_point("index.swapped")
+        drop_work(out)
     return BuildResult(out, "added", manifest, embedded, reused, time.perf_counter() - t0)
 
 
@@ -556,6 +585,7 @@ def reindex(out: str | Path, index_type: str = "auto", index_params: dict[str, A
     """Rebuild the FAISS index of each part from the stored embeddings (no model needed), atomically."""
     out = Path(out)
     with locked(out):
+        recover(out)
         return _reindex(out, index_type, index_params, parts)
 
 

@@ -5,6 +5,12 @@ Fast: the tiny random-init ViT CLIP on a few dozen generated PNGs and captions.
 
 import csv
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +22,8 @@ import radapter
 from indexes import ann
 from indexes.collection import from_folder, from_retrieval_set, load_collections
 from indexes.keys import ModelKey, file_sha256
+from indexes.store import CRASH_STEPS
+from radapter import atomic
 from radapter.data.sets import RetrievalSet
 from tests.conftest import randomize_adapters
 
@@ -424,3 +432,222 @@ def test_build_cli_help_documents_the_options(capsys):
     for flag in ("--collection", "--model", "--adapter", "--alpha", "--index-type", "--ef-search", "--nprobe",
                  "--add", "--cache", "--alphas", "--chunk-size", "emoji:google-test"):
         assert flag in text
+
+
+# ----------------------------------------------------------------------------- crash safety
+class Killed(BaseException):
+    """Raised where the process is "killed" (not an Exception: nothing in the build may catch it)."""
+
+
+#: The steps of a rebuild and of an add, by swap mode (each one is killed in turn below).
+WRITE_STEPS = {
+    "exchange": ["file.written", "index.chunk", "dir.created", "index.part", "dir.filled", "dir.exchanged",
+                 "dir.deleting", "index.swapped", "dir.trashed"],
+    "rename": ["file.written", "index.chunk", "dir.created", "index.part", "dir.filled", "dir.moved-aside",
+               "dir.swapped", "dir.trashed", "dir.deleting", "index.swapped"],
+}
+KILL_CASES = [(swap, step) for swap, steps in WRITE_STEPS.items() for step in steps]
+
+
+def _use_swap(swap, monkeypatch):
+    if swap == "rename":  # the swap of systems without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(atomic, "_exchange_supported", False)
+    elif not sys.platform.startswith("linux"):
+        pytest.skip("no atomic exchange on this system")
+
+
+def _kills(monkeypatch, tmp_path, step, pristine, run):
+    """Run ``run(store)`` on a fresh copy of the folder ``pristine`` once per report of ``step``, killed at
+    that report; yields a copy of the store as each kill left it (what a SIGKILL there leaves on disk)."""
+    dry = tmp_path / "dry"
+    shutil.copytree(pristine, dry)
+    steps = []
+    monkeypatch.setattr(atomic, "crash_hook", steps.append)
+    run(dry)
+    assert set(steps) <= set(atomic.STEPS) | set(CRASH_STEPS)
+    for nth in range(1, steps.count(step) + 1):
+        live, killed = tmp_path / f"live{nth}", tmp_path / f"killed{nth}"
+        shutil.copytree(pristine, live)
+        seen = []
+
+        def hook(s, nth=nth, live=live, killed=killed, seen=seen):
+            if s == step and len(seen) < nth:
+                seen.append(s)
+                if len(seen) == nth:
+                    shutil.copytree(live, killed, symlinks=True)
+                    raise Killed(f"{step} #{nth}")
+
+        monkeypatch.setattr(atomic, "crash_hook", hook)
+        with pytest.raises(Killed):
+            run(live)
+        monkeypatch.setattr(atomic, "crash_hook", None)
+        yield killed
+    assert steps.count(step), f"no {step} step"
+
+
+def _complete(path, emb, counts):
+    """Check ``path`` is a whole index of one of ``counts`` images; returns its count."""
+    idx = indexes.open_index(path)
+    n = idx.count("image")
+    assert n in counts and idx.faiss_index("image").ntotal == n == idx.embeddings("image").shape[0]
+    rows = idx.rows("image")
+    assert [r["id"] for r in rows] == list(range(n))
+    hit = idx.image_to_image(emb, rows[-1]["path"], k=1)[0]
+    assert hit.id == n - 1 and hit.score == pytest.approx(1.0, abs=1e-4)
+    return n
+
+
+def _purple(root, n=3):
+    for i in range(n):
+        _png(root / "purple" / f"{i}.png", (150, 30, 160), seed=100 + i)
+
+
+def test_write_steps_are_the_ones_tested(adapted, photos, tmp_path, monkeypatch):
+    emb, _ = adapted
+    for swap in WRITE_STEPS:
+        if swap == "rename":
+            monkeypatch.setattr(atomic, "_exchange_supported", False)
+        root = shutil.copytree(photos[0], tmp_path / swap / "photos")
+        out = tmp_path / swap / "idx"
+        indexes.build_index(out, emb, from_folder(root), progress=False)
+        _purple(root)
+        steps = []
+        monkeypatch.setattr(atomic, "crash_hook", steps.append)
+        indexes.add_to_index(out, emb, from_folder(root), progress=False)
+        assert list(dict.fromkeys(steps)) == WRITE_STEPS[swap]
+        monkeypatch.setattr(atomic, "crash_hook", None)
+
+
+@pytest.mark.parametrize("swap, step", KILL_CASES)
+def test_rebuild_killed_at_each_step_leaves_a_whole_index_and_the_next_build_recovers(
+        adapted, photos, tmp_path, monkeypatch, swap, step):
+    emb, _ = adapted
+    root, _ = photos
+    _use_swap(swap, monkeypatch)
+    store = tmp_path / "store"
+    indexes.build_index(store / "idx", emb, from_folder(root), chunk_size=8, progress=False)
+    _purple(root, 2)  # the rebuild: 18 images in 3 chunks
+
+    def rebuild(folder):
+        return indexes.build_index(folder / "idx", emb, from_folder(root), chunk_size=8, progress=False)
+
+    for killed in _kills(monkeypatch, tmp_path, step, store, rebuild):
+        if (killed / "idx").exists():
+            _complete(killed / "idx", emb, {16, 18})
+        else:  # killed between the two renames of the swap: the old index is whole, aside
+            assert step == "dir.moved-aside" and _complete(killed / ".idx.old", emb, {16}) == 16
+        res = rebuild(killed)
+        assert res.status in ("built", "up to date") and _complete(killed / "idx", emb, {18}) == 18
+        if step == "index.chunk":
+            assert sum(res.reused.values()) > 0  # resumed from the chunks the killed run wrote
+        assert sorted(os.listdir(killed)) == [".idx.lock", "idx"]
+        shutil.rmtree(killed)
+
+
+@pytest.mark.parametrize("swap, step", KILL_CASES)
+def test_add_killed_at_each_step_leaves_a_whole_index_and_the_next_add_recovers(
+        adapted, photos, tmp_path, monkeypatch, swap, step):
+    emb, _ = adapted
+    root, _ = photos
+    _use_swap(swap, monkeypatch)
+    store = tmp_path / "store"
+    indexes.build_index(store / "idx", emb, from_folder(root), progress=False)
+    _purple(root, 3)  # the add: 3 images in 2 chunks
+
+    def add(folder):
+        return indexes.add_to_index(folder / "idx", emb, from_folder(root), chunk_size=2, progress=False)
+
+    for killed in _kills(monkeypatch, tmp_path, step, store, add):
+        if (killed / "idx").exists():
+            _complete(killed / "idx", emb, {16, 19})
+        else:
+            assert step == "dir.moved-aside" and _complete(killed / ".idx.old", emb, {16}) == 16
+        res = add(killed)
+        assert res.status in ("added", "up to date") and _complete(killed / "idx", emb, {19}) == 19
+        assert len(indexes.open_index(killed / "idx").manifest["parts"]["image"]["shards"]) == 2
+        assert sorted(os.listdir(killed)) == [".idx.lock", "idx"]
+        assert indexes.build_index(killed / "idx", emb, from_folder(root), force=True, progress=False).status == "built"
+        assert sorted(os.listdir(killed)) == [".idx.lock", "idx"]
+        shutil.rmtree(killed)
+
+
+def test_up_to_date_runs_remove_a_stale_work_folder(adapted, photos, tmp_path):
+    emb, _ = adapted
+    root, _ = photos
+    out = tmp_path / "store" / "idx"
+    indexes.build_index(out, emb, from_folder(root), progress=False)
+    for run in (indexes.build_index, indexes.add_to_index):
+        (out.parent / ".idx.work").mkdir()  # as a run killed after its swap leaves it
+        (out.parent / ".idx.work" / "image-0123.npy").write_bytes(b"x" * 100)
+        assert run(out, emb, from_folder(root), progress=False).status == "up to date"
+        assert sorted(os.listdir(out.parent)) == [".idx.lock", "idx"]
+
+
+def test_cache_hit_cleans_up_after_killed_runs_unless_one_is_running(adapted, photos, tmp_path):
+    emb, _ = adapted
+    cache = indexes.IndexCache(tmp_path / "cache")
+    coll = from_folder(photos[0])
+    path = cache.get_or_build(emb, coll).index.path
+    junk = [path.with_name(f".{path.name}.k3j_x0q9.tmp"), path.with_name(f".{path.name}.work")]
+    for folder in junk:  # a kill during assembly; one after the swap
+        folder.mkdir()
+        (folder / "img_emb_0000.npy").write_bytes(b"x" * 10000)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with atomic.folder_lock(path):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(10)
+    assert cache.get_or_build(emb, coll).hit and all(f.exists() for f in junk)  # a run holds it: no waiting
+    release.set()
+    t.join(10)
+    assert cache.get_or_build(emb, coll).hit
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted([path.name, f".{path.name}.lock"])
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+import torch
+from radapter import atomic
+from indexes.cli import main
+step, swap = sys.argv[1], sys.argv[2]
+if swap == "rename":
+    atomic._exchange_supported = False
+atomic.crash_hook = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == step else None
+torch.manual_seed(0)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step, swap", [("index.chunk", "exchange"), ("index.part", "exchange"),
+                                        ("dir.moved-aside", "rename")])
+def test_cli_add_sigkilled_then_add_again(photos, tmp_path, step, swap, capsys):
+    """``python -m indexes add`` killed with SIGKILL mid-embedding, mid-assembly and mid-swap."""
+    from indexes.cli import main as cli_main
+
+    root, _ = photos
+    out = tmp_path / "store" / "idx"
+    args = [str(out), "--collection", f"folder:{root}", "--model", radapter.TINY_MODEL, "--no-progress",
+            "--chunk-size", "2"]
+    torch.manual_seed(0)
+    assert cli_main(["build", *args]) == 0
+    _purple(root, 3)
+    killed = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, step, swap, "add", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (out if out.exists() else out.parent / ".idx.old").joinpath("manifest.json").is_file()
+    assert sorted(os.listdir(out.parent)) != [".idx.lock", "idx"]  # the kill left something
+    torch.manual_seed(0)
+    assert cli_main(["add", *args]) == 0
+    assert "added:" in capsys.readouterr().out
+    idx = indexes.open_index(out)
+    assert idx.count("image") == 19 and [r["id"] for r in idx.rows("image")] == list(range(19))
+    assert sorted(os.listdir(out.parent)) == [".idx.lock", "idx"]
+    torch.manual_seed(0)
+    assert cli_main(["build", *args, "--force"]) == 0
+    assert sorted(os.listdir(out.parent)) == [".idx.lock", "idx"]
