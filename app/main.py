@@ -11,9 +11,10 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version-check call home; set before importing gradio
 
+from .limits import MAX_UPLOAD_BYTES, RequestLimits  # the standard library only: no Gradio yet
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADAPTERS = ROOT / "adapters"
-MAX_FILE_SIZE = "5mb"
 
 
 def build_app(model: str | None = None, pretrained: str | None = None, adapter_dir: str | Path | None = None,
@@ -81,5 +82,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     demo.queue(max_size=32, default_concurrency_limit=2)
     logging.getLogger(__name__).info("app built in %.1f s", time.time() - t0)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=False)
+    launch(demo, args.host, args.port)
     return 0
+
+
+def api_endpoints(demo) -> dict[str, list[str]]:
+    """Each public API endpoint of ``demo`` (as ``view_api`` lists them) and its parameter names."""
+    named = demo.get_api_info()["named_endpoints"]
+    return {name.lstrip("/"): [p["parameter_name"] for p in info["parameters"]] for name, info in named.items()}
+
+
+def launch(demo, host: str = "127.0.0.1", port: int | None = None, **kwargs):
+    """Launch ``demo`` as the app is served: the upload limit, the request limits (``limits.RequestLimits``:
+    JSON requests and ``data:`` URLs held to the same byte limit, no links or server paths, known endpoints
+    with enough arguments) and no error details for the browser."""
+    from starlette.middleware import Middleware
+
+    app_kwargs = {**kwargs.pop("app_kwargs", {})}
+    guard = Middleware(RequestLimits, endpoints=api_endpoints(demo))
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), guard]
+    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_BYTES, show_error=False,
+                       app_kwargs=app_kwargs, **kwargs)

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from radapter.evaluation.segmentation import Segmentation, segment
 from radapter.evaluation.zero_shot import ZeroShotHead, render
 
 from .heads import LRU, HeadSpec, HeadWarmer
+from .limits import MAX_PIXELS, MAX_UPLOAD_BYTES, megabytes
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ NO_ADAPTER = "none (zero-shot model)"
 MAX_CLASSES = 100
 MAX_CLASS_NAME = 80
 NOT_AN_IMAGE = "That file is not an image, or it is corrupt."
-MAX_PIXELS = 50_000_000  # decoding more takes seconds and gigabytes; the UI keeps at most 1024 px a side anyway
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an emoji of a {}.", "a product photo of a {}.")
 # Prompts per text-tower forward when building a head: short enough that a user request
 # waiting on the slot lock behind the warmer waits for one batch (~0.1 s), not a whole head.
@@ -71,11 +72,43 @@ class AdapterEntry:
         return json.loads(raw) if isinstance(raw, str) else raw
 
 
+def _app_metadata_problem(info: dict[str, Any]) -> str | None:
+    """What the app cannot use in an adapter file's metadata that the library accepts; ``None`` if nothing."""
+    if not isinstance(info.get("training", {}), dict):
+        return "its 'training' field is not a JSON object"
+    try:
+        drm = AdapterEntry("", Path(), info).drm
+    except ValueError:
+        return "its 'drm' field is not JSON"
+    if drm is not None and not (isinstance(drm, dict) and isinstance(drm.get("classnames"), list)
+                                and isinstance(drm.get("descriptions"), list)
+                                and len(drm["classnames"]) == len(drm["descriptions"])):
+        return "its 'drm' field is not a DRM head (classnames and descriptions of equal length)"
+    return None
+
+
+def _read_sweep(path: Path) -> dict[str, Any] | None:
+    """The alpha sweep shipped next to an adapter file, or ``None`` (logged) if it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        sweep = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: not readable JSON (%s)", path, e)
+        return None
+    if not isinstance(sweep, dict):
+        log.warning("ignoring %s: not a JSON object", path)
+        return None
+    return sweep
+
+
 def discover_adapters(folder: str | Path | None, base_fingerprint: str | None = None) -> dict[str, AdapterEntry]:
     """Adapter files in the server's folder (never a path from the browser).
 
-    Unreadable files, and files trained on another base model than ``base_fingerprint``
-    (when given), are skipped with a log line: the app starts with the others.
+    Unreadable files, files with bad metadata (``radapter.CheckpointError``, or fields the app
+    needs that are not what it needs), and files trained on another base model than
+    ``base_fingerprint`` (when given) are skipped with a log line: the app starts with the
+    others. An unreadable ``.sweep.json`` next to a file is ignored with a log line.
     """
     entries: dict[str, AdapterEntry] = {}
     if folder is None or not Path(folder).is_dir():
@@ -86,19 +119,26 @@ def discover_adapters(folder: str | Path | None, base_fingerprint: str | None = 
         except radapter.RAdapterError as e:
             log.warning("skipping %s: %s", path, e)
             continue
+        problem = _app_metadata_problem(info)
+        if problem is not None:
+            log.warning("skipping %s: %s", path, problem)
+            continue
         if base_fingerprint is not None and info.get("base_fingerprint") != base_fingerprint:
             log.warning("skipping %s: trained on base model %s (fingerprint %.12s), not on the loaded one (%.12s)",
                         path, info.get("base_model", "?"), info.get("base_fingerprint", "?"), base_fingerprint)
             continue
-        sweep_path = path.with_suffix(".sweep.json")
-        sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
-        entries[path.stem] = AdapterEntry(path.stem, path, info, sweep)
+        entries[path.stem] = AdapterEntry(path.stem, path, info, _read_sweep(path.with_suffix(".sweep.json")))
     return entries
 
 
-def parse_classnames(text: str | Sequence[str]) -> list[str]:
-    """Comma-separated class names, cleaned; one-line errors for empty, duplicate or too many."""
-    names = [c.strip() for c in (text.split(",") if isinstance(text, str) else text)]
+def split_classnames(text: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Comma-separated class names, cleaned, and the names that were given more than once (merged).
+
+    One-line errors for none, too many or too long.
+    """
+    if text is None:
+        text = ""
+    names = [str(c).strip() for c in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in names if n]
     if not names:
         raise InputError("Type at least one class name (comma separated).")
@@ -106,14 +146,53 @@ def parse_classnames(text: str | Sequence[str]) -> list[str]:
         raise InputError(f"{len(names)} classes is too many: at most {MAX_CLASSES}.")
     if any(len(n) > MAX_CLASS_NAME for n in names):
         raise InputError(f"Class names are limited to {MAX_CLASS_NAME} characters.")
-    return list(dict.fromkeys(names))
+    unique = list(dict.fromkeys(names))
+    repeated = list(dict.fromkeys(n for i, n in enumerate(names) if n in names[:i]))
+    return unique, repeated
 
 
-def check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise InputError(f"alpha must be between 0 and 1, got {alpha}")
-    return round(alpha, 4)
+def parse_classnames(text: str | Sequence[str] | None) -> list[str]:
+    """Comma-separated class names, cleaned, duplicates merged (see :func:`split_classnames`)."""
+    return split_classnames(text)[0]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_number(value: Any, name: str, low: float, high: float, *, whole: bool = False) -> float:
+    """``value`` as a finite number in [low, high] (a numeric string is read as its number).
+
+    Anything else (NaN, infinity, ``None``, a bool, a list, text) is one sentence naming ``name``.
+    """
+    what = f"{name} must be a {'whole number' if whole else 'number'} from {low:g} to {high:g}"
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or not low <= number <= high or (whole and not number.is_integer()):
+        raise InputError(f"{what}; got {_shown(value)}.")
+    return number
+
+
+def check_alpha(alpha: Any) -> float:
+    """The merge coefficient, in [0, 1], rounded to 4 decimals (the cache key)."""
+    return round(check_number(alpha, "alpha", 0.0, 1.0), 4)
+
+
+def check_beta(beta: Any) -> float:
+    """The DRM mixing weight, in [0, 1]."""
+    return check_number(beta, "beta", 0.0, 1.0)
+
+
+def check_severity(severity: Any) -> int:
+    """An ImageNet-C severity: a whole number from 1 to 5."""
+    return int(check_number(severity, "severity", 1, 5, whole=True))
 
 
 def as_rgb_array(image: Any, max_side: int = 1024) -> np.ndarray:
@@ -124,8 +203,11 @@ def as_rgb_array(image: Any, max_side: int = 1024) -> np.ndarray:
     if isinstance(image, str | Path):
         return _decoded(Path(image), max_side)
     if isinstance(image, np.ndarray):
+        if image.ndim >= 2:
+            _check_pixels(image.shape[1], image.shape[0])
         img = Image.fromarray(image.astype(np.uint8) if image.dtype != np.uint8 else image)
     elif isinstance(image, Image.Image):
+        _check_pixels(*image.size)
         img = image
     else:
         raise InputError("That file is not an image.")
@@ -145,6 +227,8 @@ def _decoded(path: Path, max_side: int) -> np.ndarray:
         st = path.stat()
     except OSError:
         raise InputError(NOT_AN_IMAGE) from None
+    if st.st_size > MAX_UPLOAD_BYTES:  # an upload is refused above it; a file from anywhere else is too
+        raise InputError(f"That image is {megabytes(st.st_size)}; the limit is {MAX_UPLOAD_BYTES // 2**20} MB.")
     key = (str(path), max_side, st.st_size, st.st_mtime_ns)
     arr = _DECODED.get(key)
     if arr is None:
@@ -154,17 +238,24 @@ def _decoded(path: Path, max_side: int) -> np.ndarray:
     return arr
 
 
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise InputError(f"That image is {width}x{height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels.")
+
+
 def _open_image(path: Path, max_side: int) -> Image.Image:
     """Decode an uploaded file ourselves, so a corrupt or hostile one is a message, not a stack trace."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit answers it
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:  # a 5 MB PNG can still claim a billion pixels
-                    raise InputError(f"That image is {img.width}x{img.height} pixels; the limit is "
-                                     f"{MAX_PIXELS // 1_000_000} megapixels.")
+            with Image.open(path) as img:  # lazy: reads the header, not the pixels
+                _check_pixels(img.width, img.height)  # a 5 MB PNG can still claim a billion pixels
                 img.draft("RGB", (max_side, max_side))  # JPEG: decode at about the size we keep
                 img.load()
+                if img.mode not in ("RGB", "L"):  # palette, 1-bit, alpha: resample in RGB, as the model sees it
+                    img = img.convert("RGB")
+                if max(img.size) > max_side:  # downscale before anything else copies the full-size pixels
+                    img.thumbnail((max_side, max_side))
                 try:
                     img = ImageOps.exif_transpose(img)  # phone photos: upright, as the browser shows them
                 except Exception:  # a broken EXIF block is no reason to refuse the pixels

@@ -2,7 +2,9 @@
 
 Every handler receives the session's own alpha (the slider value applied on release), so
 concurrent users at different alphas never see each other's results. Bad input becomes a
-one-line message in the UI (``gr.Error``), never a stack trace.
+one-line message in the UI (``gr.Error``), never a stack trace: the image inputs and the
+numeric sliders check what an API client sends before the handler runs (``image_input``,
+``checked_slider``), and the handlers check the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.data_classes import ImageData
+from pydantic import ConfigDict, ValidationError
 
 from radapter.data.benchmark_spec import get_spec
 from radapter.errors import RAdapterError
@@ -22,12 +26,22 @@ from radapter.evaluation import plot_alpha_sweep
 
 from .examples import Examples
 from .heads import ALPHA_STEP
+from .limits import ImageLimitError, data_url_to_file
 from .retrieval import RetrievalService
-from .service import NOT_AN_IMAGE, InputError, ModelService, as_rgb_array, check_alpha, parse_classnames
+from .service import (
+    InputError,
+    ModelService,
+    as_rgb_array,
+    check_alpha,
+    check_beta,
+    check_severity,
+    split_classnames,
+)
 from .shift import CORRUPTIONS, apply_corruption
 
 log = logging.getLogger(__name__)
 BENCHMARK_CLASSES = {name: ", ".join(get_spec(name).prompt_names) for name in ("fmnist", "digits", "emoji")}
+NO_IMAGE = "That is not an image: send an uploaded file's path or a data:image/...;base64 URL."
 
 
 def friendly(fn: Callable) -> Callable:
@@ -36,39 +50,85 @@ def friendly(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except gr.Error:  # a ValueError too: already a message (from a nested handler), not to wrap again
+            raise
         except (InputError, RAdapterError, ValueError) as e:
             raise gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        except gr.Error:
-            raise
         except Exception:
             log.exception("handler %s failed", fn.__name__)
             raise gr.Error("Something went wrong on the server; the error is in the server log.") from None
     return wrapper
 
 
-def image_input(**kwargs: Any) -> gr.Image:
-    """An image input that hands its handler the uploaded file's path, undecoded.
+class _ImagePayload(ImageData):
+    """Gradio's ``ImageData`` (the same API schema) whose validation failure is a message.
 
-    ``gr.Image`` decodes uploads before the handler runs, so a corrupt file became a bare
-    "Error" in the UI and a stack trace in the log; ``as_rgb_array`` decodes it instead and
-    says what is wrong. An instance override, not a subclass: Gradio writes a ``.pyi`` stub
-    next to the source file of every Component subclass.
+    Gradio validates an input's JSON against its component's data model before
+    ``preprocess`` runs, and a string or a number sent as the image fails there without one.
+    """
+
+    model_config = ConfigDict(title="ImageData")
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> _ImagePayload:
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError:
+            raise gr.Error(NO_IMAGE) from None
+
+
+def image_input(**kwargs: Any) -> gr.Image:
+    """An image input that hands its handler a file path, the image undecoded.
+
+    ``gr.Image`` decodes its input before the handler runs (a corrupt upload is a bare
+    "Error", a ``data:`` URL is decoded whole, whatever its size), so the handler decodes
+    it instead with ``as_rgb_array``, which checks the file's size and the pixel count in its
+    header first and says what is wrong. An uploaded file is handed on as its path; a
+    ``data:`` URL (API clients) is written to Gradio's cache as bytes, refused over the byte
+    limit before it is decoded from base64 (``limits.data_url_to_file``). Instance overrides,
+    not a subclass: Gradio writes a ``.pyi`` stub next to the source file of every Component
+    subclass.
     """
     image = gr.Image(type="filepath", image_mode=None, **kwargs)
-    gradio_preprocess = image.preprocess
 
     def preprocess(payload: Any) -> str | None:
-        if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+        if payload is None:
+            return None
+        if (payload.url or "").startswith("data:"):
+            try:
+                return data_url_to_file(payload.url, image.GRADIO_CACHE)
+            except ImageLimitError as e:
+                raise gr.Error(str(e)) from None
+        if payload.path is not None:
             return str(payload.path)  # a file Gradio has already accepted into its upload cache
-        try:
-            return gradio_preprocess(payload)  # base64 data (API clients): Gradio decodes it to a file
-        except gr.Error:
-            raise
-        except Exception:
-            raise gr.Error(NOT_AN_IMAGE) from None
+        raise gr.Error(NO_IMAGE)
 
+    image.data_model = _ImagePayload
     image.preprocess = preprocess
     return image
+
+
+def checked_slider(check: Callable[[Any], float], minimum: float, maximum: float, **kwargs: Any) -> gr.Slider:
+    """A slider whose value is checked by ``check`` (e.g. ``check_alpha``) before any handler runs.
+
+    ``gr.Slider``'s own bounds check fails on text or ``null`` without a message and lets NaN
+    through; ``check`` answers every bad value with one sentence.
+    """
+    slider = gr.Slider(minimum, maximum, **kwargs)
+
+    def preprocess(payload: Any) -> float:
+        try:
+            return check(payload)
+        except InputError as e:
+            raise gr.Error(str(e)) from None
+
+    slider.preprocess = preprocess
+    return slider
+
+
+def _merged(duplicates: list[str]) -> str:
+    """The note's clause on class names given more than once (they are merged)."""
+    return f"; duplicate class names merged: {', '.join(duplicates)}" if duplicates else ""
 
 
 def build_ui(service: ModelService, retrieval: RetrievalService | None, examples: Examples) -> gr.Blocks:
@@ -87,9 +147,10 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
 
     @friendly
     def classify(image, classes: str, adapter: str, alpha: float, beta: float):
-        arr, names, alpha = as_rgb_array(image), parse_classnames(classes), check_alpha(alpha)
+        alpha, beta = check_alpha(alpha), check_beta(beta)
+        arr, (names, repeated) = as_rgb_array(image), split_classnames(classes)
         res = service.compare(arr, names, adapter, alpha, beta=beta)
-        return res["zero-shot"], res["fine-tuned"], res["merged"], f"alpha used: **{alpha:g}**"
+        return res["zero-shot"], res["fine-tuned"], res["merged"], f"alpha used: **{alpha:g}**{_merged(repeated)}"
 
     @friendly
     def search_text(query: str, adapter: str, alpha: float):
@@ -112,30 +173,36 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
 
     @friendly
     def segment(image, classes: str, adapter: str, alpha: float):
-        arr, names, alpha = as_rgb_array(image, max_side=512), parse_classnames(classes), check_alpha(alpha)
+        alpha = check_alpha(alpha)
+        arr, (names, repeated) = as_rgb_array(image, max_side=512), split_classnames(classes)
         if len(names) > 20:
             raise InputError("Segmentation takes at most 20 class names.")
         seg = service.segment(arr, names, adapter, alpha)
         found = ", ".join(f"{n} ({100 * m.mean():.0f}%)" for n, m in seg.masks().items() if m.any()) or "none"
-        return (arr, seg.annotations()), f"alpha used: **{alpha:g}**; classes found: {found}"
+        return (arr, seg.annotations()), f"alpha used: **{alpha:g}**; classes found: {found}{_merged(repeated)}"
 
     @friendly
     def inspect(image, classes: str, corruption: str, severity: int, adapter: str, alpha: float, beta: float):
-        arr, names, alpha = as_rgb_array(image, max_side=512), parse_classnames(classes), check_alpha(alpha)
-        shifted = apply_corruption(arr, corruption, int(severity))
+        alpha, beta, severity = check_alpha(alpha), check_beta(beta), check_severity(severity)
+        arr, (names, repeated) = as_rgb_array(image, max_side=512), split_classnames(classes)
+        shifted = apply_corruption(arr, corruption, severity)
         before = service.compare(arr, names, adapter, alpha, beta=beta)
         after = service.compare(shifted, names, adapter, alpha, beta=beta)
         rows = [f"| {k} | {_top(before[k])} | {_top(after[k])} |" for k in ("zero-shot", "fine-tuned", "merged")]
         table = "| model | original | shifted |\n|---|---|---|\n" + "\n".join(rows)
         return shifted, after["zero-shot"], after["fine-tuned"], after["merged"], \
-            f"alpha used: **{alpha:g}**\n\n{table}"
+            f"alpha used: **{alpha:g}**{_merged(repeated)}\n\n{table}"
 
     @friendly
-    def emoji_pair(name: str):
-        pair = examples.emoji_pair(name)
-        if pair is None:
+    def emoji_pair(name: str | None):
+        if not examples.emoji_names():
             raise InputError("Emoji examples need the prepared emoji benchmark: "
                              "python -m radapter.data.prepare emoji")
+        if not name:
+            raise InputError("Pick an emoji from the list first.")
+        pair = examples.emoji_pair(name)
+        if pair is None:
+            raise InputError(f"Unknown emoji {name!r}: pick one from the list.")
         return pair[0], pair[1]
 
     plots: dict[tuple[str, float], str] = {}
@@ -157,9 +224,9 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     "Move the alpha slider and release it: every next result uses the new alpha.")
         with gr.Row():
             adapter = gr.Dropdown(adapters, value=first, label="Adapter (server-side files)")
-            alpha = gr.Slider(0.0, 1.0, value=first_alpha, step=ALPHA_STEP, elem_id="alpha",
-                              label="alpha (0 = zero-shot, 1 = fine-tuned)")
-            beta = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="DRM beta (DRM adapters only)")
+            alpha = checked_slider(check_alpha, 0.0, 1.0, value=first_alpha, step=ALPHA_STEP, elem_id="alpha",
+                                   label="alpha (0 = zero-shot, 1 = fine-tuned)")
+            beta = checked_slider(check_beta, 0.0, 1.0, value=0.5, step=0.05, label="DRM beta (DRM adapters only)")
         info = gr.Markdown(adapter_info(first), elem_id="adapter-info")
 
         with gr.Tab("Classify"):
@@ -207,7 +274,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     o_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names",
                                            elem_id="ood-classes")
                     o_corruption = gr.Dropdown(CORRUPTIONS, value="gaussian_noise", label="Corruption")
-                    o_severity = gr.Slider(1, 5, value=3, step=1, label="Severity")
+                    o_severity = checked_slider(check_severity, 1, 5, value=3, step=1, label="Severity")
                     o_button = gr.Button("Shift and compare", variant="primary", elem_id="ood-button")
                     gr.Examples(examples.classify_examples(), inputs=[o_image, o_classes])
                     with gr.Accordion("The other emoji style", open=False):

@@ -158,8 +158,10 @@ def _http_round_trips(demo, service, adapter: str, classes: str, upload, targets
     the file again each call; the browser does not)."""
     from gradio_client import Client, handle_file
 
+    from app.main import launch
+
     demo.queue()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    launch(demo, prevent_thread_lock=True, quiet=True)  # as the app is served, request limits included
     try:
         client = Client(demo.local_url, verbose=False)
         alpha, clicks, releases = targets[0], [], []

@@ -199,12 +199,12 @@ def test_gradio_app_end_to_end(service, tmp_path):
     from gradio_client import Client, handle_file
 
     from app.examples import Examples
+    from app.main import launch
     from app.ui import build_ui
 
     demo = build_ui(service, None, Examples(tmp_path / "examples", data=tmp_path / "no-data"))
     demo.queue()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, max_file_size="5mb",
-                quiet=True)
+    launch(demo, prevent_thread_lock=True, quiet=True)  # as python -m app serves it
     try:
         client = Client(demo.local_url, verbose=False)
         names = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
