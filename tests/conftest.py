@@ -54,3 +54,18 @@ def adapt_with_reference(model, images, tokens, rank):
     radapter.add_adapters(model, radapter.RAdapterConfig(rank=rank))
     randomize_adapters(model)
     return base, base_weights
+
+
+def tiny_service(folder):
+    """The app's ModelService on the tiny model, with one randomised adapter file ``colours`` in ``folder``."""
+    from app.service import ModelService, discover_adapters
+
+    torch.manual_seed(0)
+    model, preprocess, tok = radapter.load_model(radapter.TINY_MODEL)
+    trained = radapter.load_model(radapter.TINY_MODEL)[0]
+    trained.load_state_dict(model.state_dict())
+    radapter.add_adapters(trained, radapter.RAdapterConfig())
+    randomize_adapters(trained, std=0.3)
+    radapter.save_adapters(trained, folder / "colours.safetensors", default_alpha=0.4,
+                           training={"method": "r-adapter", "benchmark": "toy", "steps": 1})
+    return ModelService(model, preprocess, tok, discover_adapters(folder), model_name="tiny")

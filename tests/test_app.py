@@ -18,21 +18,13 @@ from app.service import (
     discover_adapters,
     parse_classnames,
 )
-from tests.conftest import randomize_adapters
+from tests.conftest import randomize_adapters, tiny_service
 
 
 @pytest.fixture
 def service(tmp_path):
-    torch.manual_seed(0)
-    model, preprocess, tok = radapter.load_model(radapter.TINY_MODEL)
-    trained = radapter.load_model(radapter.TINY_MODEL)[0]
-    trained.load_state_dict(model.state_dict())
-    radapter.add_adapters(trained, radapter.RAdapterConfig())
-    randomize_adapters(trained, std=0.3)
-    radapter.save_adapters(trained, tmp_path / "colours.safetensors", default_alpha=0.4,
-                           training={"method": "r-adapter", "benchmark": "toy", "steps": 1})
     (tmp_path / "broken.safetensors").write_bytes(b"nope")
-    return ModelService(model, preprocess, tok, discover_adapters(tmp_path), model_name="tiny")
+    return tiny_service(tmp_path)
 
 
 IMAGE = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)

@@ -28,15 +28,13 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import radapter
 from app.examples import Examples
-from app.service import MAX_PIXELS, ModelService, discover_adapters
-from tests.conftest import randomize_adapters
+from app.service import MAX_PIXELS, discover_adapters
+from tests.conftest import tiny_service
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -52,16 +50,7 @@ class FakeEmoji(Examples):
         return {"grinning face": 0, "red heart": 1}, rgba, rgba
 
 
-def _service(folder: Path) -> ModelService:
-    torch.manual_seed(0)
-    model, preprocess, tok = radapter.load_model(radapter.TINY_MODEL)
-    trained = radapter.load_model(radapter.TINY_MODEL)[0]
-    trained.load_state_dict(model.state_dict())
-    radapter.add_adapters(trained, radapter.RAdapterConfig())
-    randomize_adapters(trained, std=0.3)
-    radapter.save_adapters(trained, folder / "colours.safetensors", default_alpha=0.4,
-                           training={"method": "r-adapter", "benchmark": "toy", "steps": 1})
-    return ModelService(model, preprocess, tok, discover_adapters(folder), model_name="tiny")
+_service = tiny_service
 
 
 @pytest.fixture(scope="module")
