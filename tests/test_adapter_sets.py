@@ -234,3 +234,24 @@ def test_bad_adapter_files_are_checkpoint_errors_that_change_nothing(tiny, tmp_p
     with pytest.raises(radapter.CheckpointError):
         radapter.load_adapters(model, path)
     assert not radapter.has_adapters(model) and model.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("change", [{"default_alpha": "abc"}, {"training": "{not json"}, "nan-tensor"])
+def test_cli_errors_name_the_bad_adapter_file(tiny, tmp_path, capsys, change):
+    from radapter.cli import main
+
+    model, _, _ = tiny
+    radapter.add_adapters(model)
+    path = radapter.save_adapters(model, tmp_path / "odd-name.safetensors")
+    if isinstance(change, dict):
+        _rewrite(path, **change)
+    else:
+        tensors = load_file(path)
+        tensors[next(iter(tensors))].view(-1)[0] = float("nan")
+        _rewrite(path, tensors)
+    for argv in (["info", str(path)], ["export", "--model", radapter.TINY_MODEL, "--adapter", str(path),
+                                       "--out", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and "odd-name.safetensors" in err[0], err
+    assert not (tmp_path / "out").exists()
