@@ -215,18 +215,23 @@ def _classify_text(text: str | None) -> str:
     return "message"
 
 
-def call(url: str, api: str, body: bytes, timeout: float) -> Answer:
-    """One event through ``/gradio_api/call/<api>``: POST the body, then read the event stream."""
-    deadline = time.monotonic() + timeout
+def _post(url: str, timeout: float, **kwargs: Any) -> httpx.Response | Answer:
+    """POST; a 200 response, or what happened instead as an Answer (hung, crashed, refused)."""
     try:
-        r = httpx.post(f"{url}/gradio_api/call/{api}", content=body, timeout=timeout,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(url, timeout=timeout, **kwargs)
     except httpx.TimeoutException:
         return Answer("hung")
     except httpx.TransportError as e:
         return Answer("crashed", type(e).__name__)
-    if r.status_code != 200:
-        return _http_answer(r)
+    return r if r.status_code == 200 else _http_answer(r)
+
+
+def call(url: str, api: str, body: bytes, timeout: float) -> Answer:
+    """One event through ``/gradio_api/call/<api>``: POST the body, then read the event stream."""
+    deadline = time.monotonic() + timeout
+    r = _post(f"{url}/gradio_api/call/{api}", timeout, content=body, headers={"content-type": "application/json"})
+    if isinstance(r, Answer):
+        return r
     try:
         event_id = r.json()["event_id"]
         event, data = None, None
@@ -274,14 +279,9 @@ def _http_answer(r: httpx.Response) -> Answer:
 
 def upload(url: str, name: str, raw: bytes, timeout: float) -> dict | Answer:
     """Upload ``raw`` as a file; the file object to send, or the refusal as an Answer."""
-    try:
-        r = httpx.post(f"{url}/gradio_api/upload", files={"files": (name, raw)}, timeout=timeout)
-    except httpx.TimeoutException:
-        return Answer("hung")
-    except httpx.TransportError as e:
-        return Answer("crashed", type(e).__name__)
-    if r.status_code != 200:
-        return _http_answer(r)
+    r = _post(f"{url}/gradio_api/upload", timeout, files={"files": (name, raw)})
+    if isinstance(r, Answer):
+        return r
     return {"path": r.json()[0], "orig_name": name, "meta": FILE}
 
 

@@ -212,15 +212,12 @@ def _rewrite(path, tensors=None, **meta):
     save_file(tensors if tensors is not None else load_file(path), str(path), metadata=header)
 
 
-@pytest.mark.parametrize("change", [
-    {"default_alpha": "abc"}, {"default_alpha": "7.5"}, {"default_alpha": "nan"}, {"training": "{not json"},
-    "nan-tensor", "inf-tensor",
-])
-def test_bad_adapter_files_are_checkpoint_errors_that_change_nothing(tiny, tmp_path, change):
-    model, _, _ = tiny
+def _bad_adapter_file(model, path, change):
+    """An adapter file of ``model`` (adapters added to a copy) spoilt by ``change``: metadata
+    overrides, or ``"nan-tensor"`` / ``"inf-tensor"`` for one non-finite weight."""
     trained = copy.deepcopy(model)
     radapter.add_adapters(trained)
-    path = radapter.save_adapters(trained, tmp_path / "a.safetensors")
+    path = radapter.save_adapters(trained, path)
     if isinstance(change, dict):
         _rewrite(path, **change)
     else:
@@ -228,6 +225,16 @@ def test_bad_adapter_files_are_checkpoint_errors_that_change_nothing(tiny, tmp_p
         key = next(k for k in tensors if k.endswith(".weight"))
         tensors[key][0, 0] = float("nan") if change == "nan-tensor" else float("inf")
         _rewrite(path, tensors)
+    return path
+
+
+@pytest.mark.parametrize("change", [
+    {"default_alpha": "abc"}, {"default_alpha": "7.5"}, {"default_alpha": "nan"}, {"training": "{not json"},
+    "nan-tensor", "inf-tensor",
+])
+def test_bad_adapter_files_are_checkpoint_errors_that_change_nothing(tiny, tmp_path, change):
+    model, _, _ = tiny
+    path = _bad_adapter_file(model, tmp_path / "a.safetensors", change)
     with pytest.raises(radapter.CheckpointError, match=str(path.name)):
         radapter.adapter_file_info(path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -241,14 +248,7 @@ def test_cli_errors_name_the_bad_adapter_file(tiny, tmp_path, capsys, change):
     from radapter.cli import main
 
     model, _, _ = tiny
-    radapter.add_adapters(model)
-    path = radapter.save_adapters(model, tmp_path / "odd-name.safetensors")
-    if isinstance(change, dict):
-        _rewrite(path, **change)
-    else:
-        tensors = load_file(path)
-        tensors[next(iter(tensors))].view(-1)[0] = float("nan")
-        _rewrite(path, tensors)
+    path = _bad_adapter_file(model, tmp_path / "odd-name.safetensors", change)
     for argv in (["info", str(path)], ["export", "--model", radapter.TINY_MODEL, "--adapter", str(path),
                                        "--out", str(tmp_path / "out")]):
         assert main(argv) == 2
