@@ -9,15 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import RAdapterError
-from .inject import ADAPTER_ATTR, STATE_ATTR, AdapterSet, Site, require_state
+from .inject import ADAPTER_ATTR, STATE_ATTR, Site, require_state, set_trainable
 from .merge import AlphaSpec, merge_adapters, unmerge_adapters
 from .sites import unlink_fold_target
-
-
-def _set_trainable(aset: AdapterSet, trainable: bool) -> None:
-    for _, adapter in aset.adapters():
-        for name in adapter.param_names:
-            getattr(adapter, name).requires_grad_(trainable and (name != "scale" or aset.config.learn_scale))
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
@@ -34,12 +28,12 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     merged = dict(state.merged)
     if merged:
         unmerge_adapters(model)
-    _set_trainable(state.active_set, False)
+    set_trainable(state.active_set, False)
     state.active = adapter_name
     for site in state.sites.values():
         site.adapters.active = adapter_name
         site.refresh_hook()
-    _set_trainable(state.active_set, True)
+    set_trainable(state.active_set, True)
     towers = set(state.active_set.config.towers)
     if merged and (keep := {t: a for t, a in merged.items() if t in towers}):
         merge_adapters(model, keep)

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import RAdapterError
 from .adapter import Adapter
-from .config import RAdapterConfig, Tower
+from .config import RAdapterConfig
 from .fingerprint import compute_fingerprint
 from .placement import SitePlan, resolve_sites
 from .sites import get_site_kind, link_fold_target
@@ -242,15 +242,21 @@ def attach_adapters(model: nn.Module, config: RAdapterConfig, plans: list[SitePl
         weight, _ = get_site_kind(plan.kind).weight_and_bias(site.module)
         adapter = Adapter(plan.features, config).to(device=weight.device).train(site.module.training)
         adapter.site_path, adapter.site_kind, adapter.tower = plan.path, plan.kind, plan.tower
-        for name in adapter.param_names:
-            getattr(adapter, name).requires_grad_(first and (name != "scale" or config.learn_scale))
         site.adapters[adapter_name] = adapter
         site.refresh_hook()
         sites.append(site)
-    state.sets[adapter_name] = AdapterSet(adapter_name, config, sites)
+    state.sets[adapter_name] = aset = AdapterSet(adapter_name, config, sites)
+    set_trainable(aset, first)  # a set added beside others stays frozen until set_adapter, as in peft
     setattr(model, STATE_ATTR, state)
     log.info("radapter: %s", trainable_summary(model))
     return model
+
+
+def set_trainable(aset: AdapterSet, trainable: bool) -> None:
+    """Make the set's adapter parameters trainable (the scale only if the config learns it) or frozen."""
+    for _, adapter in aset.adapters():
+        for name in adapter.param_names:
+            getattr(adapter, name).requires_grad_(trainable and (name != "scale" or aset.config.learn_scale))
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:
@@ -265,8 +271,3 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
 def adapter_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     """The active set's trainable adapter parameters, for the optimiser."""
     return [p for _, _, a in iter_adapters(model) for p in a.parameters() if p.requires_grad]
-
-
-def towers_of(model: nn.Module) -> tuple[Tower, ...]:
-    """The towers the active set adapts."""
-    return tuple(require_state(model).config.towers)
