@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +27,23 @@ class Examples:
         self.data = data_dir(data)
         self._emoji = None
 
-    def _save(self, name: str, array: np.ndarray) -> str:
+    def _save(self, name: str, make: Callable[[], np.ndarray]) -> str:
+        """The example's file, written from ``make()`` the first time (decoding is the cost)."""
         path = self.root / f"{name}.png"
         if not path.exists():
-            Image.fromarray(array).convert("RGB").save(path)
+            Image.fromarray(make()).convert("RGB").save(path)
         return str(path)
 
     def classify_examples(self) -> list[list[str]]:
         import skimage.data
 
-        out = [[self._save(n, getattr(skimage.data, n)()), classes] for n, classes in PHOTOS.items()]
+        out = [[self._save(n, getattr(skimage.data, n)), classes] for n, classes in PHOTOS.items()]
         fmnist = self.data / "fmnist"
         if is_prepared(fmnist):
             with np.load(fmnist / "test.npz") as z:
                 names = ", ".join(get_spec("fmnist").prompt_names)
-                out += [[self._save(f"fmnist-{i}", np.asarray(Image.fromarray(z["images"][i]).resize((128, 128)))),
-                         names] for i in range(3)]
+                out += [[self._save(f"fmnist-{i}", lambda i=i: np.asarray(Image.fromarray(z["images"][i]).resize(
+                    (128, 128)))), names] for i in range(3)]
         return out
 
     def segment_examples(self) -> list[list[str]]:
@@ -49,10 +51,10 @@ class Examples:
         if not is_prepared(seg):
             import skimage.data
 
-            return [[self._save("chelsea", skimage.data.chelsea()), "cat, coffee cup"]]
+            return [[self._save("chelsea", skimage.data.chelsea), "cat, coffee cup"]]
         objects = json.loads((seg / "objects.json").read_text())
         with np.load(seg / "google.npz") as z:
-            return [[self._save(f"seg-{i}", z["images"][i]), ", ".join(o["name"] for o in objects[i])]
+            return [[self._save(f"seg-{i}", lambda i=i: z["images"][i]), ", ".join(o["name"] for o in objects[i])]
                     for i in range(4)]
 
     def _emoji_data(self):

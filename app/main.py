@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-dir", default=None, help="index cache (default $RADAPTER_INDEXES or "
                                                      "~/.cache/radapter/indexes)")
     p.add_argument("--data-dir", default=None, help="prepared benchmarks (default $RADAPTER_DATA)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
+                        "--no-keep-freed-memory: glibc's defaults")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = p.parse_args(argv)
@@ -72,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "root", "open_clip"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.time()
+    from radapter.cpu_memory import keep_freed_memory
     from radapter.errors import RAdapterError
+
+    if args.keep_freed_memory:
+        keep_freed_memory()  # every request's activations reuse the heap instead of fresh pages
 
     try:
         demo, _, _ = build_app(args.model, args.pretrained, args.adapter_dir, args.collection or None,

@@ -219,6 +219,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                                               current_alpha=key[1]))
         return plots[key]
 
+    classify_examples = examples.classify_examples()
     with gr.Blocks(title="radapter: robust fine-tuning, inspected") as demo:
         gr.Markdown(f"# radapter\nModel: **{service.model_name}** - zero-shot vs fine-tuned vs merged at alpha. "
                     "Move the alpha slider and release it: every next result uses the new alpha.")
@@ -237,7 +238,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                                            elem_id="classify-classes")
                     c_bench = gr.Dropdown(list(BENCHMARK_CLASSES), value=None, label="...or a benchmark's classes")
                     c_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
-                    gr.Examples(examples.classify_examples(), inputs=[c_image, c_classes])
+                    gr.Examples(classify_examples, inputs=[c_image, c_classes])
                 with gr.Column():
                     c_zs, c_ft, c_merged = (
                         gr.Label(num_top_classes=5, label=f"{name} ({which})", elem_id=f"classify-{name}")
@@ -276,7 +277,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     o_corruption = gr.Dropdown(CORRUPTIONS, value="gaussian_noise", label="Corruption")
                     o_severity = checked_slider(check_severity, 1, 5, value=3, step=1, label="Severity")
                     o_button = gr.Button("Shift and compare", variant="primary", elem_id="ood-button")
-                    gr.Examples(examples.classify_examples(), inputs=[o_image, o_classes])
+                    gr.Examples(classify_examples, inputs=[o_image, o_classes])
                     with gr.Accordion("The other emoji style", open=False):
                         o_emoji = gr.Dropdown(examples.emoji_names(), label="Emoji (test split)")
                         o_pair = gr.Button("Show Google and Twitter styles")
@@ -288,8 +289,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     o_zs, o_ft, o_merged = (gr.Label(num_top_classes=3, label=f"{t} on the shifted input") for t in
                                             ("zero-shot", "fine-tuned", "merged"))
                     o_note = gr.Markdown(elem_id="ood-note")
-                    o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter",
-                                      value=plot(first, first_alpha), elem_id="ood-plot")
+                    o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter", elem_id="ood-plot")
 
         c_args = [c_image, c_classes, adapter, alpha, beta]
         c_outs = [c_zs, c_ft, c_merged, c_alpha]
@@ -327,8 +327,9 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                 retrieval.status(name) if retrieval else "Retrieval is off."
 
         adapter.change(on_adapter, adapter, [alpha, info, o_plot, r_status], api_name="select_adapter")
-        demo.load(lambda name: retrieval.status(name) if retrieval else "Retrieval is off.", adapter, r_status,
-                  api_name=False)
+        # The plot is drawn when a page loads (once per alpha), not while the app starts.
+        demo.load(lambda name, a: (retrieval.status(name) if retrieval else "Retrieval is off.", plot(name, a)),
+                  [adapter, alpha], [r_status, o_plot], api_name=False)
     return demo
 
 

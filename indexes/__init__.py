@@ -8,30 +8,20 @@ the app gets indexes from an :class:`IndexCache` (:func:`get_or_build`,
 Layering: ``indexes`` imports ``radapter``; ``radapter`` never imports ``indexes``.
 """
 
-from .ann import IndexSpec, choose_spec
-from .cache import (
-    CacheResult,
-    GridJob,
-    IndexCache,
-    NearestIndex,
-    build_alpha_grid,
-    get_or_build,
-    nearest_alpha_index,
-    start_alpha_grid,
-)
-from .collection import Collection, load_collections, parse_collection
-from .embedder import Embedder
-from .errors import CollectionError, IndexBuildError, IndexMismatchError, IndexNotFoundError, IndexStoreError
-from .export import export_qdrant
-from .index import Hit, RetrievalIndex, open_index
-from .keys import IndexKey, ModelKey
-from .recall import brute_force_recall, retrieval_recall
-from .store import BuildResult, add_to_index, build_index, read_manifest, reindex
+import lazy_loader as _lazy
 
-__all__ = [
-    "BuildResult", "CacheResult", "Collection", "CollectionError", "Embedder", "GridJob", "Hit", "IndexBuildError",
-    "IndexCache", "IndexKey", "IndexMismatchError", "IndexNotFoundError", "IndexSpec", "IndexStoreError",
-    "ModelKey", "NearestIndex", "RetrievalIndex", "add_to_index", "brute_force_recall", "build_alpha_grid",
-    "build_index", "choose_spec", "export_qdrant", "get_or_build", "load_collections", "nearest_alpha_index",
-    "open_index", "parse_collection", "read_manifest", "reindex", "retrieval_recall", "start_alpha_grid",
-]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
+    "ann": ["IndexSpec", "choose_spec"],
+    "cache": [
+        "CacheResult", "GridJob", "IndexCache", "NearestIndex", "build_alpha_grid", "get_or_build",
+        "nearest_alpha_index", "start_alpha_grid",
+    ],
+    "collection": ["Collection", "load_collections", "parse_collection"],
+    "embedder": ["Embedder"],
+    "errors": ["CollectionError", "IndexBuildError", "IndexMismatchError", "IndexNotFoundError", "IndexStoreError"],
+    "export": ["export_qdrant"],
+    "index": ["Hit", "RetrievalIndex", "open_index"],
+    "keys": ["IndexKey", "ModelKey"],
+    "recall": ["brute_force_recall", "retrieval_recall"],
+    "store": ["BuildResult", "add_to_index", "build_index", "read_manifest", "reindex"],
+})

@@ -16,10 +16,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
+import lazy_loader
 import numpy as np
 
 from .errors import IndexBuildError
+
+# Loaded on first use, so that the command lines' --help and option defaults do not import FAISS.
+faiss = lazy_loader.load("faiss")
 
 KINDS = ("flat", "hnsw", "ivf", "ivfpq", "factory")
 #: ``auto`` picks flat up to this many vectors (exact search stays in the tens of ms) ...

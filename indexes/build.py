@@ -28,14 +28,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import radapter
 from radapter.errors import RAdapterError
 
 from .ann import DEFAULTS, KINDS
-from .collection import PARTS, describe, load_collections
+from .collection import PARTS
 from .errors import IndexStoreError
-from .store import DEFAULT_CHUNK, BuildResult
+
+if TYPE_CHECKING:
+    from .store import BuildResult
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device for embedding (cpu, cuda)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
+    g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
+                        "--no-keep-freed-memory: glibc's defaults")
     g = p.add_argument_group("index")
     g.add_argument("--index-type", default="auto", choices=("auto", *KINDS),
                    help="auto: flat up to 100k items, hnsw up to 5M, ivfpq beyond (per part)")
@@ -83,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default=None, help="build into this index cache (folder per key) instead of OUT")
     g.add_argument("--alphas", default=None,
                    help="with --cache and --adapter: comma-separated alphas to build ahead (the alpha grid)")
-    g.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
-                   help="items per resumable chunk of embeddings")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="items per resumable chunk of embeddings (default: indexes.store.DEFAULT_CHUNK)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
@@ -107,10 +113,12 @@ def summary(result: BuildResult) -> str:
 def run(args: argparse.Namespace) -> list[BuildResult]:
     """Carry out a parsed build command; returns what each build did."""
     from .cache import IndexCache, build_alpha_grid
+    from .collection import describe, load_collections
     from .embedder import Embedder
-    from .store import add_to_index, build_index, read_manifest, recover, reindex
+    from .store import DEFAULT_CHUNK, BuildResult, add_to_index, build_index, read_manifest, recover, reindex
 
     params = index_params(args)
+    chunk_size = args.chunk_size or DEFAULT_CHUNK
     if not args.out and not args.cache:
         raise IndexStoreError("give an index folder OUT or --cache DIR")
     if args.out and args.cache:
@@ -128,6 +136,8 @@ def run(args: argparse.Namespace) -> list[BuildResult]:
     coll = load_collections(args.collection, caption_template=args.caption_template, data_dir=args.data_dir,
                             parts=parts)
     print(f"collection {describe(coll)}", file=sys.stderr)
+    if args.keep_freed_memory:
+        radapter.keep_freed_memory()
     embedder = Embedder.load(args.model, pretrained=args.pretrained, adapter=args.adapter, alpha=args.alpha,
                              device=args.device, batch_size=args.batch_size, num_workers=args.workers)
     progress = not args.no_progress
@@ -138,13 +148,13 @@ def run(args: argparse.Namespace) -> list[BuildResult]:
             alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
             grid = build_alpha_grid(cache, embedder, coll, alphas, progress=progress, **common)
             return [r.build or BuildResult(r.index.path, "cached", r.index.manifest) for r in grid.values()]
-        r = cache.get_or_build(embedder, coll, chunk_size=args.chunk_size, progress=progress, **common)
+        r = cache.get_or_build(embedder, coll, chunk_size=chunk_size, progress=progress, **common)
         return [r.build or BuildResult(r.index.path, "cached", r.index.manifest)]
     if args.add:
         recover(args.out)  # an add or build killed mid-swap: restore the index first
         read_manifest(args.out)  # a clear error when there is nothing to add to
-        return [add_to_index(args.out, embedder, coll, chunk_size=args.chunk_size, progress=progress, **common)]
-    return [build_index(args.out, embedder, coll, chunk_size=args.chunk_size, force=args.force, progress=progress,
+        return [add_to_index(args.out, embedder, coll, chunk_size=chunk_size, progress=progress, **common)]
+    return [build_index(args.out, embedder, coll, chunk_size=chunk_size, force=args.force, progress=progress,
                         **common)]
 
 

@@ -18,9 +18,6 @@ from collections.abc import Sequence
 
 from radapter.errors import RAdapterError
 
-from . import build as build_cli
-from . import evaluate as eval_cli
-
 
 def _info(args: argparse.Namespace) -> None:
     from .store import read_manifest
@@ -59,14 +56,15 @@ def _export(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "build":
-        return build_cli.main(argv[1:])
-    if argv and argv[0] == "add":
-        return build_cli.main([*argv[1:], "--add"])
-    if argv and argv[0] == "reindex":
-        return build_cli.main([*argv[1:], "--reindex"])
+    # Each subcommand imports its own modules when it runs, so --help stays light.
+    if argv and argv[0] in ("build", "add", "reindex"):
+        from . import build
+
+        return build.main(argv[1:] + {"build": [], "add": ["--add"], "reindex": ["--reindex"]}[argv[0]])
     if argv and argv[0] == "eval":
-        return eval_cli.main(argv[1:])
+        from . import evaluate
+
+        return evaluate.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m indexes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

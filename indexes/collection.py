@@ -22,14 +22,14 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from radapter.data.formats import IMAGE_EXTENSIONS
-from radapter.data.sets import RetrievalSet
-
 from .errors import CollectionError
+
+if TYPE_CHECKING:
+    from radapter.data.sets import RetrievalSet
 
 PARTS = ("image", "text")
 ImageRef = str | np.ndarray
@@ -187,6 +187,8 @@ def from_retrieval_set(rset: RetrievalSet, source: str, caption_template: str = 
 
 def from_folder(root: str | Path, source: str | None = None) -> Collection:
     """Every image below ``root`` (sorted); the label is the image's sub-folder, if any."""
+    from radapter.data.formats import IMAGE_EXTENSIONS
+
     root = Path(root)
     if not root.is_dir():
         raise CollectionError(f"image folder not found: {root}")

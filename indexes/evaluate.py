@@ -17,15 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from radapter.atomic import atomic_path
 from radapter.errors import RAdapterError
 
 from .errors import IndexStoreError
-from .index import RetrievalIndex
-from .recall import KS, brute_force_recall, retrieval_recall
 
-__all__ = ["BENCHMARK_SETS", "KS", "brute_force_recall", "evaluate_indexes", "evaluate_sets", "main",
-           "retrieval_recall"]
+__all__ = ["BENCHMARK_SETS", "evaluate_indexes", "evaluate_sets", "main"]
 
 #: ID and OOD retrieval sets of the benchmarks that have them.
 BENCHMARK_SETS = {"emoji": {"id": "emoji:google-test", "ood": "emoji:twitter-test"}}
@@ -34,6 +30,9 @@ BENCHMARK_SETS = {"emoji": {"id": "emoji:google-test", "ood": "emoji:twitter-tes
 def evaluate_indexes(paths: Sequence[str | Path], *, check_exact: bool = False, **search_params: Any
                      ) -> dict[str, Any]:
     """Recall of each index folder (named by its folder), optionally beside the brute-force numbers."""
+    from .index import RetrievalIndex
+    from .recall import brute_force_recall, retrieval_recall
+
     out = {}
     for p in paths:
         index = RetrievalIndex(p)
@@ -50,6 +49,7 @@ def evaluate_sets(cache: Any, embedder: Any, sets: dict[str, str], *, index_type
     """Build (or take from ``cache``) the index of each named collection spec and evaluate it."""
     from .cache import IndexCache
     from .collection import parse_collection
+    from .recall import brute_force_recall, retrieval_recall
 
     cache = cache if isinstance(cache, IndexCache) else IndexCache(cache)
     out: dict[str, Any] = {}
@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched for this evaluation")
     p.add_argument("--check-exact", action="store_true", help="also compute brute-force recall (no FAISS)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
+                        "--no-keep-freed-memory: glibc's defaults")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="write the results JSON here")
     return p
@@ -104,7 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise IndexStoreError(f"--set {item!r}: expected NAME=SPEC")
             sets[name] = spec
         if sets:
+            from radapter.cpu_memory import keep_freed_memory
+
             from .embedder import Embedder
+
+            if args.keep_freed_memory:
+                keep_freed_memory()
 
             embedder = Embedder.load(args.model, pretrained=args.pretrained, adapter=args.adapter, alpha=args.alpha,
                                      device=args.device, batch_size=args.batch_size)
@@ -118,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     text = json.dumps(result, indent=2)
     if args.out:
+        from radapter.atomic import atomic_path
+
         with atomic_path(args.out) as tmp:
             tmp.write_text(text + "\n")
     print(text)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import radapter
 from radapter import evaluation as ev
@@ -66,11 +67,12 @@ Setter = Callable[[float], None]
 
 
 def _sweep(model, tokenizer, preprocess, bench, builder, set_alpha: Setter, alphas, split, cfg) -> list[dict]:
+    """Scores at each alpha: ``val`` the ID validation split (to choose alpha), ``test`` ID and OOD."""
     points = []
-    for alpha in alphas:
+    for alpha in tqdm(alphas, desc=f"{split} sweep", unit="alpha", leave=False):
         set_alpha(alpha)
         res = ev.evaluate_benchmark_classification(model, tokenizer, preprocess, bench, split=split,
-                                                   limit=cfg.eval_limit, head_builder=builder, progress=False)
+                                                   limit=cfg.eval_limit, head_builder=builder)
         points.append({"alpha": alpha, **res})
     return points
 
@@ -119,7 +121,7 @@ def final_evaluation(model: nn.Module, tokenizer, preprocess, data: TrainData, c
             results[part] = {"sweep": sweep, "at_chosen_alpha": next(p for p in sweep if p["alpha"] == chosen)}
         else:
             res = ev.evaluate_benchmark_classification(model, tokenizer, preprocess, bench, limit=cfg.eval_limit,
-                                                       head_builder=builder, progress=False)
+                                                       head_builder=builder)
             results[part] = {"at_chosen_alpha": {"alpha": None, **res}}
     if "base" in results:
         b, n = results["base"]["at_chosen_alpha"]["id"]["top1"], results["novel"]["at_chosen_alpha"]["id"]["top1"]
@@ -138,8 +140,7 @@ def evaluate_retrieval_task(model, tokenizer, preprocess, data: TrainData, cfg: 
     template = bench.spec.extra.get("caption_template", "{}")
 
     def score(name: str) -> dict[str, float]:
-        return ev.evaluate_retrieval(model, tokenizer, preprocess, bench.retrieval[name], caption_template=template,
-                                     progress=False)
+        return ev.evaluate_retrieval(model, tokenizer, preprocess, bench.retrieval[name], caption_template=template)
 
     alphas = ev.alpha_grid(1 / (cfg.eval_alphas - 1)) if set_alpha else [1.0]
     out: dict[str, Any] = {"points": []}

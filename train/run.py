@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         merge_lora(model)
     theta1 = _clone_state(model) if full else None
     set_alpha = alpha_setter(model, cfg, theta0, theta1)
+    started = time.perf_counter()
     if cfg.dry_run:
         results: dict[str, Any] = {"dry_run": True}
     elif cfg.method == "linear-probe":
@@ -65,7 +67,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         results = evaluate_retrieval_task(model, tokenizer, preprocess, data, cfg, set_alpha)
     else:
         results = final_evaluation(model, tokenizer, preprocess, data, cfg, set_alpha)
-    metrics = {"method": cfg.method, "config": cfg.to_dict(), "training": summary, "results": results}
+    metrics = {"method": cfg.method, "config": cfg.to_dict(), "training": summary, "results": results,
+               "evaluation_seconds": round(time.perf_counter() - started, 2)}
     if cfg.uses_adapters:
         alpha = results.get("chosen_alpha", cfg.default_alpha)
         extra = {}

@@ -1,13 +1,11 @@
 """Benchmarks (prepared offline from registry data), dataset readers and evaluation sets."""
 
-from .benchmark_spec import BenchmarkSpec, get_spec, list_benchmarks
-from .benchmarks import Benchmark, BenchmarkNotPrepared, load_benchmark
-from .cache import data_dir
-from .formats import DatasetFormatError, coco_captions, image_folder, image_text_table, imagenet_family
-from .sets import ClassificationSet, ImageDataset, ImageLoadError, RetrievalSet, SegmentationSet, open_image
+import lazy_loader as _lazy
 
-__all__ = [
-    "Benchmark", "BenchmarkNotPrepared", "BenchmarkSpec", "ClassificationSet", "DatasetFormatError", "ImageDataset",
-    "ImageLoadError", "RetrievalSet", "SegmentationSet", "coco_captions", "data_dir", "get_spec", "image_folder",
-    "image_text_table", "imagenet_family", "list_benchmarks", "load_benchmark", "open_image",
-]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
+    "benchmark_spec": ["BenchmarkSpec", "get_spec", "list_benchmarks"],
+    "benchmarks": ["Benchmark", "BenchmarkNotPrepared", "load_benchmark"],
+    "cache": ["data_dir"],
+    "formats": ["DatasetFormatError", "coco_captions", "image_folder", "image_text_table", "imagenet_family"],
+    "sets": ["ClassificationSet", "ImageDataset", "ImageLoadError", "RetrievalSet", "SegmentationSet", "open_image"],
+})

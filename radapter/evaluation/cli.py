@@ -8,15 +8,13 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..atomic import atomic_path
-from ..data import benchmarks as bm
-from ..data import formats
-from ..data.benchmark_spec import BenchmarkSpec
-from ..data.sets import ClassificationSet
 from ..errors import RAdapterError
-from .zero_shot import read_templates
+
+if TYPE_CHECKING:  # the data and model modules import torch: only the commands load them, not --help
+    from ..data import benchmarks as bm
+    from ..data.sets import ClassificationSet
 
 SET_KINDS = ("folder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "objectnet")
 
@@ -44,11 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="prepared benchmark folder (default $RADAPTER_DATA)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
+                        "--no-keep-freed-memory: glibc's defaults")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--plot", default=None, help="with --sweep: write the accuracy-vs-alpha PNG here")
 
 
 def _user_set(spec: str, name: str, classnames: str | None, folders: list[str] | None = None) -> ClassificationSet:
+    from ..data import formats
+
     kind, sep, path = spec.partition(":")
     if not sep or kind not in SET_KINDS:
         raise RAdapterError(f"set {spec!r}: expected KIND:PATH with KIND in {SET_KINDS}")
@@ -58,6 +61,10 @@ def _user_set(spec: str, name: str, classnames: str | None, folders: list[str] |
 
 
 def _user_benchmark(args: argparse.Namespace) -> bm.Benchmark:
+    from ..data import benchmarks as bm
+    from ..data.benchmark_spec import BenchmarkSpec
+    from .zero_shot import read_templates
+
     test = _user_set(args.id_set, "id", args.classnames)
     folders = None
     if args.id_set.startswith("folder:"):
@@ -83,12 +90,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..adapters.checkpoint import load_adapters
     from ..adapters.inject import adapter_state
     from ..adapters.merge import merge_adapters, merged_alpha
+    from ..cpu_memory import keep_freed_memory
+    from ..data import benchmarks as bm
     from ..models.registry import load_model
 
     if not args.benchmark and not args.id_set and not args.retrieval:
         raise RAdapterError("nothing to evaluate: give --benchmark, --id or --retrieval")
     if args.sweep and not args.adapter:
         raise RAdapterError("--sweep needs --adapter")
+    if args.keep_freed_memory:
+        keep_freed_memory()
     model, preprocess, tokenizer = load_model(args.model, pretrained=args.pretrained) if args.model else load_model()
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -130,6 +141,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _retrieval_set(name: str, table: str, image_root: str | None):
+    from ..data import formats
+
     path = Path(table)
     if path.suffix.lower() == ".json":
         try:
@@ -142,6 +155,8 @@ def _retrieval_set(name: str, table: str, image_root: str | None):
 
 
 def main(args: argparse.Namespace) -> None:
+    from ..atomic import atomic_path
+
     result = run(args)
     text = json.dumps(result, indent=2, default=float)
     if args.out:

@@ -40,10 +40,13 @@ def embed_images(
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     out = []
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False)
     try:
-        for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for images, _ in loader:
             out.append(model.encode_image(images.to(_device(model)), normalize=True).float().cpu())
+            bar.update(len(images))
     finally:
+        bar.close()
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
@@ -90,12 +93,21 @@ def evaluate_benchmark_classification(
     split: str = "test", limit: int | None = None, head_builder: HeadBuilder | None = None,
     batch_size: int = 64, num_workers: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
-    """ID (``split``) and every OOD set of a classification benchmark, with the OOD average."""
+    """ID (``split``) and every OOD set of a classification benchmark, with the OOD average.
+
+    The OOD sets are test sets: ``split="val"`` (choosing alpha or hyper-parameters) scores the
+    ID validation split alone, so a choice never looks at them (and costs one set, not all).
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', not {split!r}")
     spec = bench.spec
     head_builder = head_builder or default_head_builder(spec.prompt_names, spec.templates, tokenizer)
     head = head_builder(model)
     id_set = getattr(bench, split)
-    sets = {"id": id_set.subset(limit), **{k: v.subset(limit) for k, v in bench.ood.items()}}
+    if id_set is None:
+        raise ValueError(f"benchmark {bench.name!r} has no {split} split")
+    ood = bench.ood.items() if split == "test" else ()
+    sets = {"id": id_set.subset(limit), **{k: v.subset(limit) for k, v in ood}}
     res = evaluate_classification(model, preprocess, sets, head, batch_size=batch_size, num_workers=num_workers,
                                   progress=progress)
     return summarise(res.pop("id"), res)
@@ -147,16 +159,16 @@ def alpha_sweep(
 ) -> dict[str, Any]:
     """Classification metrics at each alpha, re-merging the adapters in place (no reload).
 
-    Evaluate on ``split="val"`` to choose alpha; the test split is for reporting only.
-    The model is left merged at the last alpha.
+    Evaluate on ``split="val"`` to choose alpha (ID validation only); the test split (ID and
+    every OOD set) is for reporting only. The model is left merged at the last alpha.
     """
     alphas = list(alphas) if alphas is not None else alpha_grid()
     points = []
-    for alpha in tqdm(alphas, desc="alpha sweep", disable=not progress):
+    for alpha in tqdm(alphas, desc="alpha sweep", unit="alpha", disable=not progress):
         merge_adapters(model, alpha)
         res = evaluate_benchmark_classification(model, tokenizer, preprocess, bench, split=split, limit=limit,
                                                 head_builder=head_builder, batch_size=batch_size,
-                                                num_workers=num_workers, progress=False)
+                                                num_workers=num_workers, progress=progress)
         points.append({"alpha": alpha, **res})
     best = max(points, key=lambda p: p["id"]["top1"])
     return {"benchmark": bench.name, "split": split, "limit": limit, "points": points,

@@ -1,6 +1,8 @@
 """Models: the registry behind ``radapter.load_model``, the offline default model, and tiny configs."""
 
-from .info import ModelInfo, model_info
-from .registry import DEFAULT_MODEL, TINY_MODEL, list_models, load_model, register_model
+import lazy_loader as _lazy
 
-__all__ = ["DEFAULT_MODEL", "TINY_MODEL", "ModelInfo", "list_models", "load_model", "model_info", "register_model"]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
+    "info": ["ModelInfo", "model_info"],
+    "registry": ["DEFAULT_MODEL", "TINY_MODEL", "list_models", "load_model", "register_model"],
+})
