@@ -13,6 +13,13 @@
 - ``slider_cold_over_plain``: the same release right after classifying with a class list
   never seen, to the alpha the warmer would reach last (the head is built on demand).
 - ``heads_ready_s``: how long the warmer takes to cover every slider alpha for one class list.
+- ``visitors``: ``python -m app`` (a process of its own, as served) driven through its HTTP API by
+  ``gradio_client``: first one visitor alone, then ``--visitors`` at once, each with its own
+  session, adapter and alpha, each asking in turn to classify a photo, search images by text and
+  segment a photo. Per endpoint: p50 and p95 latency (``one`` and ``many``), ``p95_over_one_p50``
+  (goal <= 4), requests per second, errors, and answers whose note does not state the visitor's
+  own alpha (goal: 0 of both). Retrieval indexes are built (every adapter's alpha grid) before
+  anything is timed; they are cached in ``--index-dir``.
 """
 
 from __future__ import annotations
@@ -180,18 +187,158 @@ def _http_round_trips(demo, service, adapter: str, classes: str, upload, targets
     return {"http_classify_new_image_s": statistics.median(clicks), "http_release_s": statistics.median(releases)}
 
 
+VISITOR_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
+VISITOR_QUERIES = ("a red heart", "a smiling face", "a cat", "a car", "a flag", "a tree", "a pizza", "a rocket")
+
+
+def _visitor_inputs(tmp: Path) -> list[str]:
+    from PIL import Image
+    from skimage import data
+
+    paths = []
+    for name in VISITOR_PHOTOS:
+        path = tmp / f"{name}.png"
+        Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").resize((320, 240)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _start_app(index_dir: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--index-dir", index_dir], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"})
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("the app did not answer in time")
+
+
+def _wait_for_indexes(client, adapters: list[str], timeout: float = 1800.0) -> float:
+    """Start every adapter's index grid (as choosing it in the page does) and wait until all are built."""
+    t0 = time.perf_counter()
+    pending = list(adapters)
+    while pending:
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"indexes not built within {timeout:.0f} s: {pending}")
+        status = client.predict(pending[0], api_name="/select_adapter")[-1]
+        if "failed" in status or "off" in status:
+            raise RuntimeError(f"retrieval for {pending[0]!r}: {status}")
+        if status == "indexes ready":
+            pending.pop(0)
+        else:
+            time.sleep(1.0)
+    return time.perf_counter() - t0
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50_s": float(np.percentile(values, 50)), "p95_s": float(np.percentile(values, 95)), "n": len(values)}
+
+
+def many_visitors(visitors: int, rounds: int, index_dir: str) -> dict:
+    """One visitor alone, then ``visitors`` at once, through the served app's HTTP API (see the module doc)."""
+    import threading
+
+    from gradio_client import Client, handle_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="app-visitors-"))
+    photos = _visitor_inputs(tmp)
+    proc, url = _start_app(index_dir)
+    try:
+        admin = Client(url, verbose=False)
+        adapters = [a for a in admin.view_api(return_format="dict", print_info=False)["named_endpoints"]
+                    ["/select_adapter"]["parameters"][0]["type"]["enum"]]
+        indexes_s = _wait_for_indexes(admin, adapters)
+
+        def visit(i: int, n_rounds: int, record: list, errors: list, wrong_alpha: list) -> None:
+            client = Client(url, verbose=False)  # a session of its own
+            adapter, alpha = adapters[i % len(adapters)], round(0.1 + 0.8 * i / max(1, visitors - 1), 2)
+            stated = f"alpha used: **{alpha:g}**", f"alpha used: {alpha:g};"
+            calls = {
+                "classify": lambda r: client.predict(handle_file(photos[(i + r) % len(photos)]),
+                                                     "cat, dog, rocket, cup", adapter, alpha, 0.5,
+                                                     api_name="/classify")[-1],
+                "search_text": lambda r: client.predict(VISITOR_QUERIES[(i + r) % len(VISITOR_QUERIES)], adapter, alpha,
+                                                        api_name="/search_text")[-1],
+                "segment": lambda r: client.predict(handle_file(photos[(i + r + 1) % len(photos)]), "cat, background",
+                                                    adapter, alpha, api_name="/segment")[-1],
+            }
+            for r in range(n_rounds):
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    try:
+                        note = str(call(r))
+                    except Exception as e:  # an error answer is a result to count, not a crash of the benchmark
+                        errors.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    record.append((name, time.perf_counter() - t0))
+                    if not note.startswith(stated):
+                        wrong_alpha.append(f"{name} at {alpha}: {note[:80]}")
+
+        def phase(n: int) -> dict:
+            record, errors, wrong = [], [], []
+            threads = [threading.Thread(target=visit, args=(i, rounds, record, errors, wrong)) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            names = dict.fromkeys(e for e, _ in record)
+            per = {name: _percentiles([s for e, s in record if e == name]) for name in names}
+            return {"visitors": n, "endpoints": per, "requests": len(record), "requests_per_s": len(record) / wall,
+                    "errors": errors, "alpha_not_stated": wrong, "wall_s": wall}
+
+        visit(0, 1, [], [], [])  # warm-up: first heads, first merges, first plots
+        one, many = phase(1), phase(visitors)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = {e: many["endpoints"][e]["p95_s"] / one["endpoints"][e]["p50_s"] for e in one["endpoints"]
+             if e in many["endpoints"]}
+    return {"one": one, "many": many, "p95_over_one_p50": ratio, "rounds": rounds, "indexes_built_s": indexes_s,
+            "goals_met": {"p95_over_one_p50": all(v <= 4 for v in ratio.values()),
+                          "no_errors": not (one["errors"] or many["errors"]),
+                          "alpha_stated": not (one["alpha_not_stated"] or many["alpha_not_stated"])}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--visitors", type=int, default=8, help="visitors at once in the many-visitors run")
+    p.add_argument("--rounds", type=int, default=5, help="classify + search + segment rounds per visitor")
+    p.add_argument("--index-dir", default=str(Path.home() / ".cache" / "radapter" / "indexes"),
+                   help="retrieval index cache for the served app (reused across runs)")
+    p.add_argument("--only-visitors", action="store_true", help="run only the many-visitors part and merge its "
+                                                                 "keys into --out")
     p.add_argument("--out", default="docs/bench/app.json")
     args = p.parse_args()
     load_before = os.getloadavg()  # other jobs on the machine skew every figure; say how busy it was
-    start = cold_start()
-    lat = slider_latency(args.reps)
-    write_result(args.out, {"cold_start_s": start, "slider_over_plain": lat["after_alpha_change_s"] / lat["plain_s"],
-                            **lat, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-                            "goals": {"cold_start_s": "<= 20", "slider_over_plain": "<= 1.2"}},
-                 "benchmarks.app_bench")
+    if args.only_visitors:
+        import json
+
+        old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        kept = {k: v for k, v in old.items() if k not in ("date", "command", "machine")}
+        result = {**kept, "visitors": many_visitors(args.visitors, args.rounds, args.index_dir)}
+    else:
+        start = cold_start()
+        lat = slider_latency(args.reps)
+        result = {"cold_start_s": start, "slider_over_plain": lat["after_alpha_change_s"] / lat["plain_s"], **lat,
+                  "visitors": many_visitors(args.visitors, args.rounds, args.index_dir)}
+    result.update(load_average_before_after=[load_before[0], os.getloadavg()[0]],
+                  goals={"cold_start_s": "<= 20", "slider_over_plain": "<= 1.2",
+                         "visitors.p95_over_one_p50": "<= 4 per endpoint", "visitors.errors": "none",
+                         "visitors.alpha_not_stated": "none"})
+    write_result(args.out, result, "benchmarks.app_bench")
 
 
 if __name__ == "__main__":

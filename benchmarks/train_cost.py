@@ -1,10 +1,12 @@
-"""Training cost: R-Adapter against full fine-tuning on the same batch, side by side.
+"""Training cost: R-Adapter, LoRA (Hugging Face peft) and full fine-tuning on the same batch, side by side.
 
     python -m benchmarks.train_cost                       # ViT-B-32 (random init) + the offline default
     python -m benchmarks.train_cost --models radapter-tiny-vit --steps 2 --out /tmp/t.json   # smoke run
 
 One optimiser step is: zero the gradients, forward both towers, MPM-NCE loss, backward,
-clip, AdamW, and the EMA update for adapters. Per model it writes
+clip, AdamW, and the EMA update for adapters. LoRA is ``python -m train --method lora``: peft's
+LoRA (rank 16) on the layers R-Adapter adapts. Per model it writes (R-Adapter / full FT; the
+same ratios for LoRA / full FT under ``lora``, and R-Adapter / LoRA under ``r_adapter_over_lora``)
 
 - ``memory_ratio``: peak tensor memory of a step, R-Adapter / full FT. Tensors alive when the
   step starts (weights, optimiser state, EMA, the batch; summed exactly) plus the peak of what
@@ -40,7 +42,8 @@ import torch
 
 from benchmarks.common import write_result
 
-METHODS = ("r_adapter", "full_ft")
+METHODS = ("r_adapter", "lora", "full_ft")
+TRAIN_METHOD = {"r_adapter": "r-adapter", "lora": "lora", "full_ft": "full-ft"}  # python -m train --method
 
 
 @dataclass
@@ -109,7 +112,7 @@ def setup(model_name: str, method: str, batch: int, device: str, grad_checkpoint
     texts = tok([f"a photo of a thing number {i}." for i in range(batch)])
     labels = torch.arange(batch) % 10
     # The trainable structure and train/eval modes exactly as python -m train sets them up.
-    cfg = TrainConfig(method="r-adapter" if method == "r_adapter" else "full-ft", grad_checkpointing=grad_checkpointing)
+    cfg = TrainConfig(method=TRAIN_METHOD[method], grad_checkpointing=grad_checkpointing)
     params = prepare_trainable(model, cfg)
     set_train_mode(model, cfg)
     if cfg.grad_checkpointing:
@@ -248,7 +251,7 @@ def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, m
         cpu: dict[str, list[float]] = {m: [] for m in METHODS}
         phases: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
         for i in range(steps):
-            for m in METHODS if i % 2 == 0 else METHODS[::-1]:
+            for m in METHODS[i % len(METHODS):] + METHODS[:i % len(METHODS)]:  # each goes first in turn
                 w, c, ph = json.loads(_ask(procs[m], "step"))
                 wall[m].append(w)
                 cpu[m].append(c)
@@ -262,16 +265,22 @@ def measure_model(name: str, batch: int, steps: int, warmup: int, device: str, m
         runs[m].update(step_s=statistics.median(wall[m]), step_cpu_s=statistics.median(cpu[m]),
                        images_per_s=batch / statistics.median(wall[m]), step_s_all=wall[m],
                        **{k: statistics.median(p[k] for p in phases[m]) for k in phases[m][0]})
-    ra, ft = runs["r_adapter"], runs["full_ft"]
+    ra, lora, ft = runs["r_adapter"], runs["lora"], runs["full_ft"]
+    return {"r_adapter": ra, "lora": lora, "full_ft": ft, **ratios(ra, ft),
+            "lora_over_full_ft": ratios(lora, ft), "r_adapter_over_lora": ratios(ra, lora)}
+
+
+def ratios(a: dict, b: dict) -> dict[str, float]:
+    """Method ``a``'s cost over method ``b``'s."""
     return {
-        "r_adapter": ra, "full_ft": ft,
-        "memory_ratio": ra["peak_tensor_mb"] / ft["peak_tensor_mb"],
-        "memory_ratio_rss": ra["peak_rss_above_libraries_mb"] / ft["peak_rss_above_libraries_mb"],
-        "step_time_ratio": ra["step_s"] / ft["step_s"],
-        "step_time_ratio_fastest": min(ra["step_s_all"]) / min(ft["step_s_all"]),
-        "cpu_time_ratio": ra["step_cpu_s"] / ft["step_cpu_s"],
-        "flop_ratio": ra["step_gflops"] / ft["step_gflops"],
-        "saved_activations_ratio": ra["saved_activations_mb"] / ft["saved_activations_mb"],
+        "memory_ratio": a["peak_tensor_mb"] / b["peak_tensor_mb"],
+        "memory_ratio_rss": a["peak_rss_above_libraries_mb"] / b["peak_rss_above_libraries_mb"],
+        "step_time_ratio": a["step_s"] / b["step_s"],
+        "step_time_ratio_fastest": min(a["step_s_all"]) / min(b["step_s_all"]),
+        "cpu_time_ratio": a["step_cpu_s"] / b["step_cpu_s"],
+        "flop_ratio": a["step_gflops"] / b["step_gflops"],
+        "saved_activations_ratio": a["saved_activations_mb"] / b["saved_activations_mb"],
+        "trainable_parameters_ratio": a["trainable_parameters"] / b["trainable_parameters"],
     }
 
 

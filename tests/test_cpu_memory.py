@@ -6,6 +6,7 @@ import pytest
 PROBE = """
 import resource, sys, torch
 import radapter
+import radapter.models.registry  # a process as the command lines run it: open_clip and its libraries loaded
 applied = radapter.keep_freed_memory() if sys.argv[1] == "keep" else None
 for _ in range(3):  # 64 MB blocks: above glibc's default mmap threshold; the heap grows to them first
     torch.empty(2**24).fill_(1.0)

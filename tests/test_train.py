@@ -113,10 +113,18 @@ def test_wiseft_alpha_zero_is_zero_shot(folders, tmp_path):
 
 
 def test_lora_merge_keeps_outputs(tiny):
-    from train.lora import add_lora, merge_lora
+    """peft LoRA on the tiny ViT (attention sites: the whole nn.MultiheadAttention), merged with
+    peft's merge_and_unload: the plain model again, with the same outputs."""
+    from peft.tuners.lora import LoraLayer
+
+    from train.lora import add_lora, has_lora, merge_lora
 
     model, _, tok = tiny
     params = add_lora(model, rank=4, alpha=8.0)
+    assert has_lora(model) and any(isinstance(m, LoraLayer) for m in model.modules())
+    assert all(p.requires_grad for p in params)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.1)
@@ -125,7 +133,8 @@ def test_lora_merge_keeps_outputs(tiny):
         before = model.encode_image(x), model.encode_text(t)
         merge_lora(model)
         after = model.encode_image(x), model.encode_text(t)
-    assert not any("parametrizations" in k for k in model.state_dict())
+    assert not any("lora_" in k or "base_layer" in k for k in model.state_dict())
+    assert not has_lora(model) and not any(isinstance(m, LoraLayer) for m in model.modules())
     assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
 
 
@@ -134,8 +143,10 @@ def test_lora_reaches_the_convs_of_the_offline_model_and_merges():
     from train.lora import add_lora, merge_lora
 
     model, _, tok = radapter.load_model()
+    sites = radapter.site_weights(model)
     params = add_lora(model, rank=2, alpha=4.0)
     assert len(params) == 2 * 28  # 12 text linears + 16 image convs
+    assert sum(p.numel() for p in params) == sum(2 * (w.shape[0] + w[0].numel()) for w in sites.values())
     with torch.no_grad():
         for p in params[1::2]:
             p.normal_(0, 0.01)  # lora_B starts at zero: make the delta real
