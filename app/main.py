@@ -19,8 +19,9 @@ DEFAULT_ADAPTERS = ROOT / "adapters"
 
 def build_app(model: str | None = None, pretrained: str | None = None, adapter_dir: str | Path | None = None,
               collection: str | None = "emoji:google-test", index_dir: str | Path | None = None,
-              data_dir: str | Path | None = None):
-    """The Gradio Blocks app (not launched) and its services."""
+              data_dir: str | Path | None = None, warm: bool = True):
+    """The Gradio Blocks app (not launched) and its services. ``warm``: start building the first
+    adapter's retrieval indexes now (``main`` starts them once the server answers instead)."""
     from radapter.data.cache import data_dir as resolve_data
 
     from .examples import Examples
@@ -30,12 +31,12 @@ def build_app(model: str | None = None, pretrained: str | None = None, adapter_d
     service = ModelService.from_config(model, pretrained, adapter_dir if adapter_dir is not None else DEFAULT_ADAPTERS)
     retrieval = None
     if collection:
-        retrieval = _retrieval(service, collection, index_dir, data_dir)
+        retrieval = _retrieval(service, collection, index_dir, data_dir, warm)
     demo = build_ui(service, retrieval, Examples(data=data_dir or resolve_data()))
     return demo, service, retrieval
 
 
-def _retrieval(service, collection: str, index_dir, data_dir):
+def _retrieval(service, collection: str, index_dir, data_dir, warm: bool):
     from indexes import parse_collection
     from indexes.errors import CollectionError
     from radapter.data.benchmarks import BenchmarkNotPrepared
@@ -50,7 +51,8 @@ def _retrieval(service, collection: str, index_dir, data_dir):
     cache = Path(index_dir) if index_dir else Path(os.environ.get("RADAPTER_INDEXES",
                                                                   Path.home() / ".cache" / "radapter" / "indexes"))
     retrieval = RetrievalService(service, coll, cache)
-    retrieval.warm(service.adapter_names()[0])
+    if warm:
+        retrieval.warm(service.adapter_names()[0])
     return retrieval
 
 
@@ -82,14 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # every request's activations reuse the heap instead of fresh pages
 
     try:
-        demo, _, _ = build_app(args.model, args.pretrained, args.adapter_dir, args.collection or None,
-                               args.index_dir, args.data_dir)
+        demo, service, retrieval = build_app(args.model, args.pretrained, args.adapter_dir, args.collection or None,
+                                             args.index_dir, args.data_dir, warm=False)
     except RAdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     demo.queue(max_size=32, default_concurrency_limit=2)
     logging.getLogger(__name__).info("app built in %.1f s", time.time() - t0)
-    launch(demo, args.host, args.port)
+    launch(demo, args.host, args.port, prevent_thread_lock=True)
+    if retrieval is not None:  # after the server answers: building indexes does not hold up the first page
+        retrieval.warm(service.adapter_names()[0])
+    demo.block_thread()
     return 0
 
 

@@ -38,14 +38,18 @@ def test_train_cost_benchmark_script_writes_its_keys(tmp_path):
                     "--warmup", "0", "--batch", "4", "--out", str(out)], check=True, capture_output=True)
     model = json.loads(out.read_text())["models"]["radapter-tiny-vit"]
     assert {"memory_ratio", "memory_ratio_rss", "step_time_ratio", "cpu_time_ratio", "flop_ratio",
-            "saved_activations_ratio", "r_adapter", "full_ft"} <= model.keys()
+            "saved_activations_ratio", "r_adapter", "lora", "full_ft", "lora_over_full_ft",
+            "r_adapter_over_lora"} <= model.keys()
     assert len(model["r_adapter"]["step_s_all"]) == 1 and model["r_adapter"]["peak_tensor_mb"] > 0
-    for run in (model["r_adapter"], model["full_ft"]):  # the phases add up to the step (timed around them)
+    for run in (model["r_adapter"], model["lora"], model["full_ft"]):  # the phases add up to the step (timed around them)
         phases = run["forward_s"] + run["backward_s"] + run["optimizer_s"]
         assert 0 < phases <= run["step_s"]
     assert 0 < model["flop_ratio"] < 1  # adapters' extra forward costs less than full FT's weight gradients
     assert 0 < model["saved_activations_ratio"] < 1  # frozen layers and adapters keep less than full FT
     assert model["r_adapter"]["trainable_parameters"] < model["full_ft"]["trainable_parameters"]
+    assert 0 < model["lora"]["trainable_parameters"] < model["full_ft"]["trainable_parameters"]
+    assert model["r_adapter_over_lora"]["trainable_parameters_ratio"] == pytest.approx(
+        model["r_adapter"]["trainable_parameters"] / model["lora"]["trainable_parameters"])
 
 
 def test_train_cost_counts_grouped_conv_gradients_like_their_forward():
