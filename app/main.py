@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
                         "--no-keep-freed-memory: glibc's defaults")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="requests the server works on at once (Gradio's default_concurrency_limit)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; beyond, a visitor is told "
+                                                             "the queue is full")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = p.parse_args(argv)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except RAdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    demo.queue(max_size=32, default_concurrency_limit=2)
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     logging.getLogger(__name__).info("app built in %.1f s", time.time() - t0)
     launch(demo, args.host, args.port, prevent_thread_lock=True)
     if retrieval is not None:  # after the server answers: building indexes does not hold up the first page

@@ -203,10 +203,11 @@ def _visitor_inputs(tmp: Path) -> list[str]:
     return paths
 
 
-def _start_app(index_dir: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+def _start_app(index_dir: str, app_args: list[str], timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--index-dir", index_dir], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--index-dir", index_dir, *app_args],
+                            cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"})
     t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50_s": float(np.percentile(values, 50)), "p95_s": float(np.percentile(values, 95)), "n": len(values)}
 
 
-def many_visitors(visitors: int, rounds: int, index_dir: str) -> dict:
+def many_visitors(visitors: int, rounds: int, index_dir: str, app_args: list[str] | None = None) -> dict:
     """One visitor alone, then ``visitors`` at once, through the served app's HTTP API (see the module doc)."""
     import threading
 
@@ -251,7 +252,7 @@ def many_visitors(visitors: int, rounds: int, index_dir: str) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="app-visitors-"))
     photos = _visitor_inputs(tmp)
-    proc, url = _start_app(index_dir)
+    proc, url = _start_app(index_dir, app_args or [])
     try:
         admin = Client(url, verbose=False)
         adapters = [a for a in admin.view_api(return_format="dict", print_info=False)["named_endpoints"]
@@ -305,7 +306,8 @@ def many_visitors(visitors: int, rounds: int, index_dir: str) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = {e: many["endpoints"][e]["p95_s"] / one["endpoints"][e]["p50_s"] for e in one["endpoints"]
              if e in many["endpoints"]}
-    return {"one": one, "many": many, "p95_over_one_p50": ratio, "rounds": rounds, "indexes_built_s": indexes_s,
+    return {"app_args": app_args or [], "one": one, "many": many, "p95_over_one_p50": ratio, "rounds": rounds,
+            "indexes_built_s": indexes_s,
             "goals_met": {"p95_over_one_p50": all(v <= 4 for v in ratio.values()),
                           "no_errors": not (one["errors"] or many["errors"]),
                           "alpha_stated": not (one["alpha_not_stated"] or many["alpha_not_stated"])}}
@@ -320,20 +322,23 @@ def main() -> None:
                    help="retrieval index cache for the served app (reused across runs)")
     p.add_argument("--only-visitors", action="store_true", help="run only the many-visitors part and merge its "
                                                                  "keys into --out")
+    p.add_argument("--app-args", default="", help="extra python -m app options for the many-visitors run, "
+                                                  "e.g. '--concurrency 1'")
     p.add_argument("--out", default="docs/bench/app.json")
     args = p.parse_args()
+    app_args = args.app_args.split()
     load_before = os.getloadavg()  # other jobs on the machine skew every figure; say how busy it was
     if args.only_visitors:
         import json
 
         old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
         kept = {k: v for k, v in old.items() if k not in ("date", "command", "machine")}
-        result = {**kept, "visitors": many_visitors(args.visitors, args.rounds, args.index_dir)}
+        result = {**kept, "visitors": many_visitors(args.visitors, args.rounds, args.index_dir, app_args)}
     else:
         start = cold_start()
         lat = slider_latency(args.reps)
         result = {"cold_start_s": start, "slider_over_plain": lat["after_alpha_change_s"] / lat["plain_s"], **lat,
-                  "visitors": many_visitors(args.visitors, args.rounds, args.index_dir)}
+                  "visitors": many_visitors(args.visitors, args.rounds, args.index_dir, app_args)}
     result.update(load_average_before_after=[load_before[0], os.getloadavg()[0]],
                   goals={"cold_start_s": "<= 20", "slider_over_plain": "<= 1.2",
                          "visitors.p95_over_one_p50": "<= 4 per endpoint", "visitors.errors": "none",
