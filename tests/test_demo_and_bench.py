@@ -41,7 +41,7 @@ def test_train_cost_benchmark_script_writes_its_keys(tmp_path):
             "saved_activations_ratio", "r_adapter", "lora", "full_ft", "lora_over_full_ft",
             "r_adapter_over_lora"} <= model.keys()
     assert len(model["r_adapter"]["step_s_all"]) == 1 and model["r_adapter"]["peak_tensor_mb"] > 0
-    for run in (model["r_adapter"], model["lora"], model["full_ft"]):  # the phases add up to the step (timed around them)
+    for run in (model["r_adapter"], model["lora"], model["full_ft"]):  # the phases add up to the step (timed round)
         phases = run["forward_s"] + run["backward_s"] + run["optimizer_s"]
         assert 0 < phases <= run["step_s"]
     assert 0 < model["flop_ratio"] < 1  # adapters' extra forward costs less than full FT's weight gradients
