@@ -10,7 +10,13 @@ Layering: ``indexes`` imports ``radapter``; ``radapter`` never imports ``indexes
 
 import lazy_loader as _lazy
 
-__getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
+# Submodules load on first attribute access too (``indexes.store`` without an import), as they did
+# when the package imported them all; __all__ lists the public names only.
+_SUBMODULES = [
+    "ann", "build", "cache", "cli", "collection", "embedder", "errors", "evaluate", "export", "index", "keys",
+    "recall", "store",
+]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES, submod_attrs={
     "ann": ["IndexSpec", "choose_spec"],
     "cache": [
         "CacheResult", "GridJob", "IndexCache", "NearestIndex", "build_alpha_grid", "get_or_build",
@@ -25,3 +31,4 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
     "recall": ["brute_force_recall", "retrieval_recall"],
     "store": ["BuildResult", "add_to_index", "build_index", "read_manifest", "reindex"],
 })
+__all__ = [name for name in __all__ if name not in _SUBMODULES]

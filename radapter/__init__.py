@@ -8,7 +8,12 @@ import lazy_loader as _lazy
 
 __version__ = "0.1.0"
 
-__getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
+# Submodules load on first attribute access too (``radapter.adapters.merge`` without an import), as they did
+# when the package imported them all; __all__ lists the public names only.
+_SUBMODULES = [
+    "adapters", "atomic", "cli", "cpu_memory", "data", "demo", "drm", "errors", "evaluation", "losses", "models",
+]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES, submod_attrs={
     "adapters.adapter": ["Adapter"],
     "adapters.adapter_sets": ["delete_adapter", "merge_and_unload", "set_adapter", "unload"],
     "adapters.checkpoint": ["adapter_file_info", "load_adapters", "save_adapters"],
@@ -34,3 +39,4 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
     "models.registry": ["DEFAULT_MODEL", "TINY_MODEL", "list_models", "load_model", "register_model"],
     "models.text_padding": ["trim_text_padding"],
 })
+__all__ = [name for name in __all__ if name not in _SUBMODULES]

@@ -43,6 +43,32 @@ def test_classification_metrics_match_manual_computation(tiny, bench):
     assert {"top1", "macro_f1", "ece"} <= res["id"].keys()
 
 
+def test_validation_scores_the_id_split_alone(tiny, bench):
+    """Choosing on val never looks at the OOD sets (they are test sets), and costs one set."""
+    model, preprocess, tok = tiny
+    radapter.add_adapters(model, radapter.RAdapterConfig())
+    embedded = []
+    real = ev.harness.embed_images
+
+    def counting(model, dataset, **kw):
+        embedded.append(kw.get("desc"))
+        return real(model, dataset, **kw)
+
+    ev.harness.embed_images = counting
+    try:
+        val = ev.evaluate_benchmark_classification(model, tok, preprocess, bench, split="val", progress=False)
+        sweep = ev.alpha_sweep(model, tok, preprocess, bench, alphas=[0.0, 1.0], split="val", progress=False)
+    finally:
+        ev.harness.embed_images = real
+    assert val["ood"] == {} and val["ood_avg"] == {} and val["id"]["n"] == len(bench.val.labels)
+    assert embedded == ["id"] * 3 and all(p["ood"] == {} for p in sweep["points"])
+    with pytest.raises(ValueError, match="split"):
+        ev.evaluate_benchmark_classification(model, tok, preprocess, bench, split="train", progress=False)
+    with pytest.raises(ValueError, match="no val split"):
+        ev.evaluate_benchmark_classification(model, tok, preprocess, Benchmark(spec=bench.spec, test=bench.test),
+                                             split="val", progress=False)
+
+
 def test_alpha_sweep_remerges_and_plots(tiny, bench, tmp_path):
     model, preprocess, tok = tiny
     zero_shot = ev.evaluate_benchmark_classification(model, tok, preprocess, bench, progress=False)

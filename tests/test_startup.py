@@ -57,3 +57,12 @@ def test_every_public_name_resolves(package):
         assert getattr(mod, name) is not None, name
     with pytest.raises(AttributeError):
         mod.no_such_name  # noqa: B018 (the access is the test)
+
+
+def test_submodules_load_on_attribute_access():
+    """As when the packages imported every module: ``radapter.adapters.merge`` works after ``import radapter``."""
+    code = ("import radapter, indexes; print(radapter.adapters.merge.merge_adapters.__name__, "
+            "radapter.evaluation.harness.alpha_sweep.__name__, indexes.store.build_index.__name__, "
+            "'adapters' in dir(radapter), 'adapters' in radapter.__all__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["merge_adapters", "alpha_sweep", "build_index", "True", "False"]

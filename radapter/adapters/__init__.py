@@ -10,3 +10,11 @@
 
 Every public name is importable from ``radapter``.
 """
+
+import lazy_loader as _lazy
+
+# Each module loads on first attribute access (``radapter.adapters.merge`` without an import).
+__getattr__, __dir__, _ = _lazy.attach(__name__, [
+    "adapter", "adapter_sets", "checkpoint", "config", "ema", "export", "fingerprint", "frozen_layers", "inject",
+    "merge", "placement", "sites",
+])
