@@ -11,6 +11,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version-check call home; set before importing gradio
 
+import radapter
+
 from .limits import MAX_UPLOAD_BYTES, RequestLimits  # the standard library only: no Gradio yet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-dir", default=None, help="index cache (default $RADAPTER_INDEXES or "
                                                      "~/.cache/radapter/indexes)")
     p.add_argument("--data-dir", default=None, help="prepared benchmarks (default $RADAPTER_DATA)")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
-                        "--no-keep-freed-memory: glibc's defaults")
+    radapter.add_keep_freed_memory_option(p)
     p.add_argument("--concurrency", type=int, default=2,
                    help="requests the server works on at once (Gradio's default_concurrency_limit)")
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; beyond, a visitor is told "
@@ -81,11 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "root", "open_clip"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.time()
-    from radapter.cpu_memory import keep_freed_memory
     from radapter.errors import RAdapterError
 
     if args.keep_freed_memory:
-        keep_freed_memory()  # every request's activations reuse the heap instead of fresh pages
+        radapter.keep_freed_memory()  # every request's activations reuse the heap instead of fresh pages
 
     try:
         demo, service, retrieval = build_app(args.model, args.pretrained, args.adapter_dir, args.collection or None,

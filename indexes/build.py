@@ -61,9 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device for embedding (cpu, cuda)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
-    g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
-                        "--no-keep-freed-memory: glibc's defaults")
+    radapter.add_keep_freed_memory_option(g)
     g = p.add_argument_group("index")
     g.add_argument("--index-type", default="auto", choices=("auto", *KINDS),
                    help="auto: flat up to 100k items, hnsw up to 5M, ivfpq beyond (per part)")

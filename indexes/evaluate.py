@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import radapter
 from radapter.errors import RAdapterError
 
 from .errors import IndexStoreError
@@ -85,9 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched for this evaluation")
     p.add_argument("--check-exact", action="store_true", help="also compute brute-force recall (no FAISS)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
-                        "--no-keep-freed-memory: glibc's defaults")
+    radapter.add_keep_freed_memory_option(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="write the results JSON here")
     return p
@@ -107,12 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise IndexStoreError(f"--set {item!r}: expected NAME=SPEC")
             sets[name] = spec
         if sets:
-            from radapter.cpu_memory import keep_freed_memory
-
             from .embedder import Embedder
 
             if args.keep_freed_memory:
-                keep_freed_memory()
+                radapter.keep_freed_memory()
 
             embedder = Embedder.load(args.model, pretrained=args.pretrained, adapter=args.adapter, alpha=args.alpha,
                                      device=args.device, batch_size=args.batch_size)

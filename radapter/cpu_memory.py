@@ -10,6 +10,7 @@ the price of a resident size that stays near its peak (and some fragmentation on
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import sys
 
@@ -32,3 +33,11 @@ def keep_freed_memory(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     threshold = min(int(mmap_threshold), 2**31 - 1)
     # Setting either also turns off glibc's dynamic threshold adjustment, which is the point.
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def add_keep_freed_memory_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The command lines' ``--keep-freed-memory`` / ``--no-keep-freed-memory`` (on by default):
+    whether the command calls :func:`keep_freed_memory` before it loads a model."""
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per "
+                             "batch; --no-keep-freed-memory: glibc's defaults")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..cpu_memory import add_keep_freed_memory_option
 from ..errors import RAdapterError
 
 if TYPE_CHECKING:  # the data and model modules import torch: only the commands load them, not --help
@@ -42,9 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="prepared benchmark folder (default $RADAPTER_DATA)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CPU, keep freed memory for reuse (radapter.keep_freed_memory): no page faults per batch; "
-                        "--no-keep-freed-memory: glibc's defaults")
+    add_keep_freed_memory_option(p)
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--plot", default=None, help="with --sweep: write the accuracy-vs-alpha PNG here")
 
