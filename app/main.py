@@ -21,9 +21,9 @@ DEFAULT_ADAPTERS = ROOT / "adapters"
 
 def build_app(model: str | None = None, pretrained: str | None = None, adapter_dir: str | Path | None = None,
               collection: str | None = "emoji:google-test", index_dir: str | Path | None = None,
-              data_dir: str | Path | None = None, warm: bool = True):
-    """The Gradio Blocks app (not launched) and its services. ``warm``: start building the first
-    adapter's retrieval indexes now (``main`` starts them once the server answers instead)."""
+              data_dir: str | Path | None = None):
+    """The Gradio Blocks app (not launched) and its services. Retrieval builds an adapter's indexes
+    when it is first searched or chosen; ``main`` starts the first adapter's once the server answers."""
     from radapter.data.cache import data_dir as resolve_data
 
     from .examples import Examples
@@ -33,12 +33,12 @@ def build_app(model: str | None = None, pretrained: str | None = None, adapter_d
     service = ModelService.from_config(model, pretrained, adapter_dir if adapter_dir is not None else DEFAULT_ADAPTERS)
     retrieval = None
     if collection:
-        retrieval = _retrieval(service, collection, index_dir, data_dir, warm)
+        retrieval = _retrieval(service, collection, index_dir, data_dir)
     demo = build_ui(service, retrieval, Examples(data=data_dir or resolve_data()))
     return demo, service, retrieval
 
 
-def _retrieval(service, collection: str, index_dir, data_dir, warm: bool):
+def _retrieval(service, collection: str, index_dir, data_dir):
     from indexes import parse_collection
     from indexes.errors import CollectionError
     from radapter.data.benchmarks import BenchmarkNotPrepared
@@ -52,10 +52,7 @@ def _retrieval(service, collection: str, index_dir, data_dir, warm: bool):
         return None
     cache = Path(index_dir) if index_dir else Path(os.environ.get("RADAPTER_INDEXES",
                                                                   Path.home() / ".cache" / "radapter" / "indexes"))
-    retrieval = RetrievalService(service, coll, cache)
-    if warm:
-        retrieval.warm(service.adapter_names()[0])
-    return retrieval
+    return RetrievalService(service, coll, cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         demo, service, retrieval = build_app(args.model, args.pretrained, args.adapter_dir, args.collection or None,
-                                             args.index_dir, args.data_dir, warm=False)
+                                             args.index_dir, args.data_dir)
     except RAdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
