@@ -27,46 +27,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import start_app, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cold_start(timeout: float = 120.0) -> float:
-    port = _free_port()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--collection", "emoji:google-test"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    try:
-        while time.perf_counter() - t0 < timeout:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - t0
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the app did not answer in time")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    proc, _, seconds = start_app(["--collection", "emoji:google-test"], timeout)
+    proc.terminate()
+    proc.wait(timeout=30)
+    return seconds
 
 
 def slider_latency(reps: int) -> dict:
@@ -203,26 +180,6 @@ def _visitor_inputs(tmp: Path) -> list[str]:
     return paths
 
 
-def _start_app(index_dir: str, app_args: list[str], timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--index-dir", index_dir, *app_args],
-                            cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"})
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError("the app did not answer in time")
-
-
 def _wait_for_indexes(client, adapters: list[str], timeout: float = 1800.0) -> float:
     """Start every adapter's index grid (as choosing it in the page does) and wait until all are built."""
     t0 = time.perf_counter()
@@ -252,7 +209,7 @@ def many_visitors(visitors: int, rounds: int, index_dir: str, app_args: list[str
 
     tmp = Path(tempfile.mkdtemp(prefix="app-visitors-"))
     photos = _visitor_inputs(tmp)
-    proc, url = _start_app(index_dir, app_args or [])
+    proc, url, _ = start_app(["--index-dir", index_dir, *(app_args or [])])
     try:
         admin = Client(url, verbose=False)
         adapters = [a for a in admin.view_api(return_format="dict", print_info=False)["named_endpoints"]

@@ -8,14 +8,19 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict[str, Any]:
@@ -84,3 +89,33 @@ def write_result(path: str | Path, result: dict[str, Any], module: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(args: Sequence[str] = (), timeout: float = 180.0) -> tuple[subprocess.Popen, str, float]:
+    """Spawn ``python -m app ARGS`` on a free loopback port (offline, no analytics, output discarded)
+    and wait until its page answers. Returns the process, its URL and the seconds from spawn to
+    that first answer; a start that fails or times out is stopped and raised."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"})
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return proc, url, time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.05)  # polling the port
+    proc.terminate()
+    proc.wait(timeout=30)
+    raise RuntimeError(f"the app did not answer within {timeout:.0f} s")

@@ -35,7 +35,6 @@ import ipaddress
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -54,7 +53,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import write_result
+from benchmarks.common import free_port, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -66,12 +65,6 @@ EITHER = ("answered", "message")
 
 
 # ------------------------------------------------------------------------------------ the app
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _loopback(url: str) -> str:
     host = urlparse(url).hostname or ""
     try:
@@ -165,7 +158,7 @@ class App:
         for name in ("chelsea", "coffee", "rocket", "astronaut", "camera", "horse"):
             photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
             photo.resize((160, 160)).save(photos / f"{name}.png")
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
                "GRADIO_TEMP_DIR": str(self.workdir / "gradio")}
         self.log = (self.workdir / "app.log").open("a")

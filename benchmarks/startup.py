@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from benchmarks.common import write_result
+from benchmarks.common import start_app, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,12 +51,6 @@ def process_time(args: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _photo(tmp: Path) -> Path:
     import numpy as np
     from PIL import Image
@@ -74,23 +66,9 @@ def app_first_answer(photo: Path, timeout: float = 180.0) -> tuple[float, float,
     and that answer's note."""
     from gradio_client import Client, handle_file
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url, page = start_app(timeout=timeout)
     try:
-        while True:
-            if time.perf_counter() - t0 > timeout:
-                raise RuntimeError(f"the app gave no answer within {timeout:.0f} s")
-            if proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(url, timeout=1):
-                    page = time.perf_counter() - t0
-                    break
-            except OSError:
-                time.sleep(0.05)
         client = Client(url, verbose=False)
         info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/classify"]
         adapter = info["parameters"][2]["parameter_default"]
