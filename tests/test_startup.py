@@ -18,9 +18,9 @@ LAZY_PACKAGES = ("radapter", "radapter.models", "radapter.data", "radapter.evalu
 
 _PROBE = """
 import json, runpy, sys
-argv = json.loads(sys.argv[1])
+heavy, argv = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 if argv:
-    sys.argv = [argv[0], *argv[1:]]
+    sys.argv = argv
     try:
         runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
     except SystemExit as e:
@@ -29,13 +29,13 @@ else:
     import radapter, indexes, train, app, radapter.data, radapter.models, radapter.evaluation  # noqa: F401
 # A module lazy_loader.load() has registered but nothing has used yet is not loaded.
 print(json.dumps(sorted(m for m, v in sys.modules.items()
-                        if m.split(".")[0] in HEAVY and type(v).__name__ != "_LazyModule")))
-""".replace("HEAVY", repr(HEAVY))
+                        if m.split(".")[0] in heavy and type(v).__name__ != "_LazyModule")))
+"""
 
 
 def _heavy_modules(argv: list[str]) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(HEAVY), json.dumps(argv)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
