@@ -98,3 +98,72 @@ def test_emoji_and_segmentation_from_fixture(tmp_path):
         assert k in (2, 3) and set(np.unique(g.masks[i])) == set(range(k + 1))
         assert set(g.object_names[i]) <= {m["name"] for m in meta if m["split"] == "test"}
     assert g.object_names == t.object_names  # same layouts in both styles
+
+
+def _fake_prepared_emoji(folder: Path, per_class: int = 6) -> None:
+    """A prepared-emoji folder with ``per_class`` disc-shaped emoji in each emoji-backgrounds class."""
+    from radapter.atomic import atomic_dir
+    from radapter.data.benchmark_spec import get_spec
+    from radapter.data.prepare import _finish
+
+    subs = get_spec("emoji-backgrounds").extra["subcategories"]
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 24 ** 2).astype(np.uint8) * 255
+    meta, images = [], {"google": [], "twitter": []}
+    for k, (name, sub) in enumerate(subs.items()):
+        for j in range(per_class):
+            meta.append({"unified": f"{k}-{j}", "name": f"{name} {j}", "captions": [f"{name} {j}"],
+                         "category": "x", "subcategory": sub[j % len(sub)], "split": "train", "image": "x.png"})
+            for style in images:
+                rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+                images[style].append(np.dstack([rgb, disc]))
+    with atomic_dir(folder) as tmp:
+        for style, ims in images.items():
+            np.savez_compressed(tmp / f"{style}.npz", images=np.stack(ims))
+        (tmp / "emoji_meta.json").write_text(json.dumps(meta))
+        _finish(tmp, {}, {})
+
+
+def test_emoji_backgrounds_ties_splits_and_groups(tmp_path):
+    root = tmp_path / "data"
+    _fake_prepared_emoji(root / "emoji")
+    assert prepare(["emoji-backgrounds"], root) == {"emoji-backgrounds": "prepared"}
+    b = load_benchmark("emoji-backgrounds", root)
+    spec = b.spec.extra
+    ties, n_bg = np.array(spec["class_background"]), len(spec["backgrounds"])
+    assert set(b.ood) == {"conflict", "twitter-conflict"}
+    folder = root / "emoji-backgrounds"
+    files = {n: np.load(folder / f"{n}.npz") for n in ("train", "val", "test", "ood_conflict",
+                                                       "ood_twitter-conflict")}
+    # split by emoji: no emoji in two splits
+    used = {n: set(z["emoji"].tolist()) for n, z in files.items()}
+    assert not (used["train"] & used["test"]) and not (used["train"] & used["val"]) and not (used["val"] & used["test"])
+    assert used["ood_conflict"] == used["test"]
+    # the tie: 95% of train/val/test images on their class's background (rounded per split)
+    for n in ("train", "val", "test"):
+        z = files[n]
+        own = np.mean(z["backgrounds"] == ties[z["labels"]])
+        assert abs(own - spec["agreement"]) <= 1 / len(z["labels"]) + 1e-9, (n, own)
+    # OOD: the tie broken, every test emoji once on every other background, in both styles
+    for n in ("ood_conflict", "ood_twitter-conflict"):
+        z = files[n]
+        assert not np.any(z["backgrounds"] == ties[z["labels"]])
+        assert len(z["labels"]) == len(used["test"]) * (n_bg - 1)
+    assert not np.array_equal(files["ood_conflict"]["images"], files["ood_twitter-conflict"]["images"])
+    # exact masks: the pasted disc, 48-72 px across, inside the 96 px image
+    masks = files["train"]["masks"]
+    assert masks.shape == (len(files["train"]["labels"]), 96, 96) and masks.any(axis=(1, 2)).all()
+    # groups = class x background, as loaded
+    z = files["ood_conflict"]
+    assert np.array_equal(b.ood["conflict"].groups, z["labels"] * n_bg + z["backgrounds"])
+    assert b.test.min_group_size == spec["min_group_images"]
+    # deterministic: a forced rebuild writes the same bytes
+    before = json.loads((folder / "manifest.json").read_text())["files"]
+    prepare(["emoji-backgrounds"], root, force=True)
+    assert json.loads((folder / "manifest.json").read_text())["files"] == before
+
+
+def test_emoji_backgrounds_needs_the_emoji_first(tmp_path):
+    with pytest.raises(MissingSourceError, match="prepare 'emoji' first"):
+        prepare(["emoji-backgrounds"], tmp_path / "data")

@@ -42,3 +42,30 @@ def test_iou_accumulator():
     acc.add(np.zeros((2, 3), int), np.ones((2, 3), int), ["cat"])
     assert acc.per_class()["cat"] == pytest.approx(1 / 8)
     assert acc.miou() == pytest.approx((1 / 8 + 2 / 3) / 2)
+
+
+def test_worst_group_accuracy_skips_small_groups():
+    from radapter.evaluation.metrics import group_accuracies, worst_group_accuracy
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    preds = np.array([0, 0, 0, 1, 1, 1, 0, 0, 0])
+    groups = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3])  # group 3 has a single image
+    assert group_accuracies(preds, labels, groups, min_size=2) == {0: 0.75, 1: 1.0, 2: 0.0}
+    assert worst_group_accuracy(preds, labels, groups, min_size=2) == 0.0
+    assert worst_group_accuracy(preds, labels, groups, min_size=3) == 0.75
+    assert np.isnan(worst_group_accuracy(preds, labels, groups, min_size=10))
+
+
+def test_classification_metrics_report_worst_group_and_ood_average():
+    import torch
+
+    from radapter.evaluation.harness import classification_metrics, summarise
+
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    labels = np.array([0, 0, 1, 1])
+    m = classification_metrics(logits, labels, groups=np.array([0, 0, 1, 1]))
+    assert m["top1"] == 0.75 and m["worst_group"] == 0.5 and m["group_top1"] == {"0": 1.0, "1": 0.5}
+    plain = classification_metrics(logits, labels)
+    assert "worst_group" not in plain
+    s = summarise(m, {"a": m, "b": {**m, "worst_group": 0.0}})
+    assert s["ood_avg"]["worst_group"] == 0.25 and "group_top1" not in s["ood_avg"]

@@ -45,8 +45,13 @@ def _folder(name: str, root: str | Path | None) -> Path:
 
 
 def _classification(folder: Path, file: str, name: str, spec: BenchmarkSpec) -> ClassificationSet:
+    """One split; where the file has each image's background group, groups = class x background."""
     with np.load(folder / file) as z:
-        return ClassificationSet(name, z["images"], z["labels"], list(spec.prompt_names))
+        groups = None
+        if "backgrounds" in z.files:
+            groups = z["labels"] * len(spec.extra["backgrounds"]) + z["backgrounds"]
+        return ClassificationSet(name, z["images"], z["labels"], list(spec.prompt_names), groups=groups,
+                                 min_group_size=int(spec.extra.get("min_group_images", 1)))
 
 
 def _load_array_benchmark(name: str, root: str | Path | None) -> Benchmark:
@@ -98,14 +103,15 @@ def _load_segmentation(root: str | Path | None) -> Benchmark:
 
 
 def load_benchmark(name: str, root: str | Path | None = None) -> Benchmark:
-    """Load a prepared benchmark (``fmnist``, ``digits``, ``emoji`` or ``segmentation``).
+    """Load a prepared benchmark (``fmnist``, ``digits``, ``emoji``, ``segmentation`` or ``emoji-backgrounds``).
 
     ``root`` overrides the data folder (default ``$RADAPTER_DATA`` or ``~/.cache/radapter/data``).
     """
-    if name in ("fmnist", "digits"):
+    if name in ("fmnist", "digits", "emoji-backgrounds"):
         return _load_array_benchmark(name, root)
     if name == "emoji":
         return _load_emoji(root)
     if name == "segmentation":
         return _load_segmentation(root)
-    raise RAdapterError(f"unknown benchmark {name!r}; choose from fmnist, digits, emoji, segmentation")
+    raise RAdapterError(f"unknown benchmark {name!r}; choose from fmnist, digits, emoji, segmentation, "
+                        "emoji-backgrounds")

@@ -15,12 +15,15 @@ Sources (all offline once installed):
 - emoji: npm ``emoji-datasource-google@16.0.0`` and ``emoji-datasource-twitter@16.0.0``
   (fetched with ``npm pack`` into ``<data-dir>/downloads`` when missing).
 - segmentation: the prepared emoji plus scikit-image's sample photographs.
+- emoji-backgrounds: the prepared emoji pasted onto scikit-image's texture photographs, each
+  class tied to one background group (a Waterbirds-style spurious correlation).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gzip
 import hashlib
 import json
@@ -256,7 +259,9 @@ def prepare_emoji(out: Path, emoji_dir: Path | None = None, downloads: Path | No
 
 
 # ---------------------------------------------------------------- segmentation
-def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+@functools.lru_cache(maxsize=32)
+def _sample_photo(name: str) -> np.ndarray:
+    """One of scikit-image's sample images as uint8 RGB."""
     import skimage.data
 
     img = np.asarray(getattr(skimage.data, name)())
@@ -264,7 +269,12 @@ def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
         img = (255 * (img - img.min()) / max(float(np.ptp(img)), 1e-9)).astype(np.uint8)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
-    img = img[:, :, :3]
+    return img[:, :, :3]
+
+
+def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random square crop (half to all of the short side) of a sample photo, at ``size`` px."""
+    img = _sample_photo(name)
     side = int(min(img.shape[:2]) * rng.uniform(0.5, 1.0))
     r, c = rng.integers(0, img.shape[0] - side + 1), rng.integers(0, img.shape[1] - side + 1)
     crop = Image.fromarray(img[r:r + side, c:c + side])
@@ -329,8 +339,99 @@ def prepare_segmentation(out: Path, emoji_folder: Path) -> None:
         _finish(tmp, {"emoji": str(emoji_folder), "backgrounds": "scikit-image sample data"}, dict(spec))
 
 
+# ---------------------------------------------------------------- emoji-backgrounds
+def _composite(rgba: np.ndarray, background: np.ndarray, size: int, spot: tuple[int, int]) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """``rgba`` resized to ``size`` px and pasted by its alpha at ``spot``: (image, object mask)."""
+    obj = np.asarray(Image.fromarray(rgba).resize((size, size), Image.LANCZOS)).astype(np.float32)
+    r, c = spot
+    canvas = background.astype(np.float32).copy()
+    a = obj[:, :, 3:] / 255.0
+    canvas[r:r + size, c:c + size] = a * obj[:, :, :3] + (1 - a) * canvas[r:r + size, c:c + size]
+    mask = np.zeros(background.shape[:2], bool)
+    mask[r:r + size, c:c + size] = obj[:, :, 3] >= 128
+    return canvas.round().astype(np.uint8), mask
+
+
+def _background_plan(labels: list[int], ties: list[int], n_backgrounds: int, agreement: float,
+                     rng: np.random.Generator) -> list[int]:
+    """Background group of each image: its class's own for a fraction ``agreement`` (exactly,
+    rounded per split), a uniformly drawn other one for the rest."""
+    n = len(labels)
+    conflicting = set(rng.permutation(n)[:round((1 - agreement) * n)].tolist())
+    plan = []
+    for i, y in enumerate(labels):
+        own = ties[y]
+        others = [b for b in range(n_backgrounds) if b != own]
+        plan.append(int(others[int(rng.integers(len(others)))]) if i in conflicting else own)
+    return plan
+
+
+def prepare_emoji_backgrounds(out: Path, emoji_folder: Path) -> None:
+    """Emoji pasted onto texture photographs, each class tied to one background group (see the spec)."""
+    spec = get_spec("emoji-backgrounds")
+    cfg = spec.extra
+    if not is_prepared(emoji_folder):
+        raise MissingSourceError(
+            f"emoji-backgrounds is built from the prepared emoji: prepare 'emoji' first ({emoji_folder})"
+        )
+    meta = json.loads((emoji_folder / "emoji_meta.json").read_text())
+    styles = {s: np.load(emoji_folder / f"{s}.npz")["images"] for s in EMOJI_STYLES}
+    owner = {sub: k for k, name in enumerate(spec.classnames) for sub in cfg["subcategories"][name]}
+    rng = np.random.default_rng(cfg["seed"])
+    fractions, renders = cfg["split_fractions"], cfg["renders"]
+    members: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for k in range(len(spec.classnames)):
+        idx = rng.permutation([i for i, m in enumerate(meta) if owner.get(m["subcategory"]) == k]).tolist()
+        if len(idx) < 3:
+            raise RAdapterError(f"emoji-backgrounds: class {spec.classnames[k]!r} has {len(idx)} emoji in "
+                                f"{emoji_folder}; it needs at least 3 (one per split)")
+        n_va = max(1, round(fractions["val"] * len(idx)))
+        n_tr = min(max(1, round(fractions["train"] * len(idx))), len(idx) - n_va - 1)
+        members["train"] += idx[:n_tr]
+        members["val"] += idx[n_tr:n_tr + n_va]
+        members["test"] += idx[n_tr + n_va:]
+    ties, n_bg, size = cfg["class_background"], len(cfg["backgrounds"]), cfg["image_size"]
+    lo, hi = cfg["object_size"]
+    # (set name, style, emoji of each image, background group of each image)
+    jobs: list[tuple[str, str, list[int], list[int]]] = []
+    for split in ("train", "val", "test"):
+        emoji = [i for i in sorted(members[split]) for _ in range(renders[split])]
+        labels = [owner[meta[i]["subcategory"]] for i in emoji]
+        jobs.append((split, "google", emoji, _background_plan(labels, ties, n_bg, cfg["agreement"], rng)))
+    # OOD: every test emoji once on each background that is not its class's.
+    emoji, plan = [], []
+    for i in sorted(members["test"]):
+        for b in range(n_bg):
+            if b != ties[owner[meta[i]["subcategory"]]]:
+                emoji.append(i)
+                plan.append(b)
+    jobs += [("ood_conflict", "google", emoji, plan), ("ood_twitter-conflict", "twitter", emoji, plan)]
+    with atomic_dir(out) as tmp:
+        for name, style, emoji, plan in jobs:
+            images, masks = [], []
+            for i, b in zip(tqdm(emoji, desc=f"emoji-backgrounds {name}"), plan, strict=True):
+                bg = _background(cfg["backgrounds"][b], size, rng)
+                if rng.random() < 0.5:
+                    bg = bg[:, ::-1]
+                s = int(rng.integers(lo, hi + 1))
+                spot = (int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1)))
+                image, mask = _composite(styles[style][i], bg, s, spot)
+                images.append(image)
+                masks.append(mask)
+            _save(tmp / f"{name}.npz", images=np.stack(images), masks=np.stack(masks),
+                  labels=np.array([owner[meta[i]["subcategory"]] for i in emoji], np.int64),
+                  backgrounds=np.array(plan, np.int64), emoji=np.array(emoji, np.int64))
+        (tmp / "emoji_meta.json").write_text(json.dumps(
+            [{"unified": meta[i]["unified"], "name": meta[i]["name"], "subcategory": meta[i]["subcategory"],
+              "split": split} for split, idx in members.items() for i in sorted(idx)], indent=1))
+        _finish(tmp, {"emoji": str(emoji_folder), "backgrounds": "scikit-image sample data"},
+                {k: cfg[k] for k in ("class_background", "agreement", "split_fractions", "renders", "image_size",
+                                     "object_size", "backgrounds", "seed")})
+
+
 # ---------------------------------------------------------------- CLI
-BENCHMARKS = ("fmnist", "digits", "emoji", "segmentation")
+BENCHMARKS = ("fmnist", "digits", "emoji", "segmentation", "emoji-backgrounds")
 
 
 def prepare(names: list[str], root: Path, *, force: bool = False, fmnist_dir: Path | None = None,
@@ -342,6 +443,7 @@ def prepare(names: list[str], root: Path, *, force: bool = False, fmnist_dir: Pa
         "digits": lambda out: prepare_digits(out, opencv_digits),
         "emoji": lambda out: prepare_emoji(out, emoji_dir, root / "downloads"),
         "segmentation": lambda out: prepare_segmentation(out, root / "emoji"),
+        "emoji-backgrounds": lambda out: prepare_emoji_backgrounds(out, root / "emoji"),
     }
     status = {}
     for name in names:

@@ -81,9 +81,17 @@ class ClassificationSet:
     #: 1000 classes; ObjectNet: 113 groups): class k here = head classes ``class_index[k]``
     #: (logits are max-pooled over a group). ``None``: the head's classes are this set's.
     class_index: list[list[int]] | None = None
+    #: Optional group of each image (spurious-correlation benchmarks: class x background), for
+    #: worst-group accuracy over groups of at least ``min_group_size`` images.
+    groups: np.ndarray | None = None
+    min_group_size: int = 1
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups, dtype=np.int64)
+            if len(self.groups) != len(self.labels):
+                raise ValueError(f"{self.name}: {len(self.labels)} labels but {len(self.groups)} groups")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
@@ -101,7 +109,8 @@ class ClassificationSet:
             return self
         idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
         return ClassificationSet(self.name, _take(self.images, idx), self.labels[idx], self.classnames,
-                                 self.class_index)
+                                 self.class_index, None if self.groups is None else self.groups[idx],
+                                 self.min_group_size)
 
     def restrict_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Map head logits onto this set's classes (identity unless ``class_index`` is set)."""

@@ -22,7 +22,7 @@ SET_KINDS = ("folder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", action="append", default=[],
-                   help="prepared benchmark: fmnist, digits, emoji (repeatable)")
+                   help="prepared benchmark: fmnist, digits, emoji, emoji-backgrounds (repeatable)")
     p.add_argument("--id", dest="id_set", default=None,
                    help=f"your ID test set as KIND:PATH, KIND in {SET_KINDS}")
     p.add_argument("--ood", action="append", default=[], metavar="NAME=KIND:PATH",

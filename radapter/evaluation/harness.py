@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..adapters.merge import merge_adapters
 from ..data.benchmarks import Benchmark
 from ..data.sets import ClassificationSet, RetrievalSet
-from .metrics import expected_calibration_error, macro_f1, recall_at_k, top1
+from .metrics import expected_calibration_error, group_accuracies, macro_f1, recall_at_k, top1
 from .zero_shot import Template, ZeroShotHead, encode_texts, render, zero_shot_classifier
 
 HeadBuilder = Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]
@@ -51,12 +51,23 @@ def embed_images(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
-    """Top-1, macro-F1 and ECE (from softmax probabilities) of a set of logits."""
+def classification_metrics(logits: torch.Tensor, labels: np.ndarray, groups: np.ndarray | None = None,
+                           min_group_size: int = 1) -> dict[str, Any]:
+    """Top-1, macro-F1 and ECE (from softmax probabilities) of a set of logits.
+
+    With ``groups`` (e.g. class x background), also ``worst_group`` (the lowest per-group top-1
+    over groups of at least ``min_group_size`` images) and ``group_top1`` (each such group's).
+    """
     probs = torch.softmax(logits.float(), dim=1).numpy()
     preds = probs.argmax(1)
-    return {"top1": top1(preds, labels), "macro_f1": macro_f1(preds, labels),
-            "ece": expected_calibration_error(probs, labels), "n": len(labels)}
+    out: dict[str, Any] = {"top1": top1(preds, labels), "macro_f1": macro_f1(preds, labels),
+                           "ece": expected_calibration_error(probs, labels)}
+    if groups is not None:
+        per_group = group_accuracies(preds, labels, groups, min_group_size)
+        out["worst_group"] = min(per_group.values()) if per_group else float("nan")
+        out["group_top1"] = {str(g): v for g, v in per_group.items()}
+    out["n"] = len(labels)
+    return out
 
 
 def default_head_builder(classnames: Sequence[str], templates: Sequence[Template], tokenizer: Callable) -> HeadBuilder:
@@ -77,13 +88,14 @@ def evaluate_classification(
                              progress=progress, desc=name)
         with torch.inference_mode():
             logits = cset.restrict_logits(head(feats.to(_device(model))).cpu())
-        results[name] = classification_metrics(logits, cset.labels)
+        results[name] = classification_metrics(logits, cset.labels, cset.groups, cset.min_group_size)
     return results
 
 
 def summarise(id_result: dict[str, float], ood_results: dict[str, dict[str, float]]) -> dict[str, Any]:
     """ID metrics, each OOD set, and the unweighted mean over OOD sets (as the papers report)."""
-    keys = [k for k in id_result if k != "n"]
+    keys = [k for k, v in id_result.items() if k != "n" and isinstance(v, float)
+            and all(isinstance(r.get(k), float) for r in ood_results.values())]
     avg = {k: float(np.mean([r[k] for r in ood_results.values()])) for k in keys} if ood_results else {}
     return {"id": id_result, "ood": ood_results, "ood_avg": avg}
 

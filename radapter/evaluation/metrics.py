@@ -25,6 +25,19 @@ def macro_f1(preds: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def group_accuracies(preds: np.ndarray, labels: np.ndarray, groups: np.ndarray, min_size: int = 1) -> dict[int, float]:
+    """Top-1 within each group that has at least ``min_size`` examples (Sagawa et al. 2020)."""
+    preds, labels, groups = np.asarray(preds), np.asarray(labels), np.asarray(groups)
+    return {int(g): top1(preds[groups == g], labels[groups == g])
+            for g in np.unique(groups) if np.sum(groups == g) >= min_size}
+
+
+def worst_group_accuracy(preds: np.ndarray, labels: np.ndarray, groups: np.ndarray, min_size: int = 1) -> float:
+    """The lowest per-group top-1 over groups of at least ``min_size`` examples (NaN if none)."""
+    accs = group_accuracies(preds, labels, groups, min_size)
+    return min(accs.values()) if accs else float("nan")
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """ECE: confidence-vs-accuracy gap, averaged over equal-width confidence bins, weighted by bin size."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
