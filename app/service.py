@@ -428,7 +428,8 @@ class ModelService:
                 slot.place(text)
                 return DRMHead(slot.model, self.tokenizer, list(spec.classnames),
                                [desc[c] for c in spec.classnames],
-                               default_template=drm.get("default_template", "a photo of a {}."), beta=spec.beta)
+                               default_template=drm.get("templates") or drm.get("default_template", "a photo of a {}."),
+                               beta=spec.beta)
         tokens = self._prompt_tokens(spec)
         parts = []
         for start in range(0, len(tokens), TEXT_BATCH):

@@ -12,21 +12,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluation.zero_shot import encode_texts
+from .evaluation.zero_shot import encode_texts, zero_shot_classifier
 
 
 class DRMHead:
-    """Callable head returning log-probabilities (so argmax and softmax act as on logits)."""
+    """Callable head returning log-probabilities (so argmax and softmax act as on logits).
+
+    ``default_template`` is one template or several (averaged as a zero-shot head is).
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, classnames: Sequence[str], descriptions: Sequence[str],
-                 *, default_template: str = "a photo of a {}.", beta: float = 0.5) -> None:
+                 *, default_template: str | Sequence[str] = "a photo of a {}.", beta: float = 0.5) -> None:
         if len(descriptions) != len(classnames) or not classnames:
             raise ValueError("DRMHead needs one description per class")
-        t = encode_texts(model, tokenizer, [default_template.format(c) for c in classnames] + list(descriptions))
-        c = len(classnames)
-        self.default, self.description = t[:c], t[c:]
+        templates = [default_template] if isinstance(default_template, str) else list(default_template)
+        if not templates:
+            raise ValueError("DRMHead needs at least one default template")
+        self.default = zero_shot_classifier(model, tokenizer, classnames, templates, progress=False).weight
+        self.description = encode_texts(model, tokenizer, list(descriptions))
         scale = getattr(model, "logit_scale", None)
-        self.scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+        self.scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
         self.beta = float(beta)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:

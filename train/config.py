@@ -57,13 +57,14 @@ class TrainConfig:
     loss: str | None = None  # None: mpm-nce for r-adapter, clip (FLYP) for full-ft
     eps: float = 0.02
     margin: float = 0.05
-    temperature: float = 0.01
+    temperature: float | None = None  # None: 1 / the model's logit scale (the authors' choice)
     # DRM
     drm_lambda: float = 1.0
     drm_beta: float = 0.5
     drm_norm: str = "softmax"  # how core affinities become the target q: softmax | minmax
     drm_label_mix: float = 0.0  # q <- (1 - m) q + m onehot(y)
-    drm_default_template: str = "a photo of a {}."
+    drm_default_template: str | None = None  # None: the same templates as the captions
+    drm_check_descriptions: bool = True  # score description sets on ID val first and train on the best
     # optimisation (paper: AdamW, wd 0, lr 5e-4, cosine, 500 warm-up steps, batch 512, 10 epochs, clip 1)
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -113,9 +114,8 @@ class TrainConfig:
 
     @property
     def loss_name(self) -> str:
-        if self.uses_drm:
-            return "drm"
-        return self.loss or ("mpm-nce" if self.method == "r-adapter" else "clip")
+        """The contrastive loss on captions; DRM methods add the worst-case-risk term to it."""
+        return self.loss or ("mpm-nce" if self.uses_adapters else "clip")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

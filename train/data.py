@@ -35,6 +35,7 @@ class TrainData:
     classnames: list[str] = field(default_factory=list)  # prompt names of the trained classes
     templates: tuple[str, ...] = ()
     descriptions: list[str] = field(default_factory=list)  # per trained class (DRM)
+    spec_descriptions: list[str] = field(default_factory=list)  # per benchmark class: what evaluation uses
     bench: Benchmark | None = None
     class_subset: list[int] | None = None  # base-to-novel: the trained classes (indices into the spec)
 
@@ -118,6 +119,7 @@ def _classification_data(cfg: TrainConfig, train: ClassificationSet, spec: Bench
     templates = _templates(cfg, spec)
     names = list(train.classnames)
     labels = train.labels[idx]
+    all_descriptions = list(descriptions)
     if subset is not None:  # relabel into the trained classes only
         remap = {c: k for k, c in enumerate(subset)}
         labels = np.array([remap[int(c)] for c in labels])
@@ -125,7 +127,8 @@ def _classification_data(cfg: TrainConfig, train: ClassificationSet, spec: Bench
         descriptions = [descriptions[c] for c in subset] if descriptions else []
     captions = [[render(t, n) for t in templates] for n in names]
     images = train.images[idx] if isinstance(train.images, np.ndarray) else [train.images[i] for i in idx]
-    return TrainData(images, labels, captions, labels.copy(), names, templates, descriptions, bench, subset)
+    return TrainData(images, labels, captions, labels.copy(), names, templates, descriptions, all_descriptions,
+                     bench, subset)
 
 
 def _retrieval_data(cfg: TrainConfig, rset: RetrievalSet, bench: Benchmark | None, template: str) -> TrainData:

@@ -35,7 +35,7 @@ def head_builder(tokenizer: Callable, names: list[str], templates: tuple[str, ..
                  cfg: TrainConfig) -> ev.HeadBuilder:
     """The classifier at test time: the zero-shot head of the (merged) text tower, or DRM's dual head."""
     if cfg.uses_drm:
-        return lambda model: dual_head(model, tokenizer, names, descriptions, cfg)
+        return lambda model: dual_head(model, tokenizer, names, descriptions, templates, cfg)
     return ev.default_head_builder(names, templates, tokenizer)
 
 
@@ -52,7 +52,7 @@ def _benchmarks(data: TrainData) -> dict[str, tuple[Benchmark, list[str], list[s
     """Evaluation benchmarks: the full one, or its base and novel halves (base-to-novel)."""
     bench, spec = data.bench, data.bench.spec
     names = list(spec.prompt_names)
-    desc = spec.description_list() if spec.descriptions else []
+    desc = data.spec_descriptions
     if data.class_subset is None:
         return {"all": (bench, names, desc)}
     base, novel = base_novel_split(len(names))

@@ -31,7 +31,7 @@ from radapter.evaluation.zero_shot import encode_texts
 
 from .config import RESUME_FIXED, TrainConfig, describe_changes, resume_changes
 from .data import StepBatchSampler, TrainData
-from .objectives import DualEncoder, class_prompts, contrastive_loss, drm_loss, logit_scale, normalise_core
+from .objectives import DualEncoder, check_descriptions, contrastive_loss, drm_loss, logit_scale, normalise_core
 from .structures import prepare_trainable, set_train_mode
 
 log = logging.getLogger("train")
@@ -288,7 +288,7 @@ def core_targets(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
     from radapter.evaluation import embed_images
 
     feats = embed_images(model, data.dataset(preprocess), batch_size=64, desc="DRM core targets")
-    desc = encode_texts(model, tokenizer, class_prompts(data.classnames, data.descriptions, cfg))[len(data.classnames):]
+    desc = encode_texts(model, tokenizer, check_descriptions(data.classnames, data.descriptions))
     affinity = feats @ desc.cpu().t()
     return normalise_core(affinity, torch.as_tensor(data.labels), cfg, logit_scale(model))
 
@@ -360,7 +360,7 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
             find_unused_parameters=cfg.method in ("full-ft", "full-ft-drm"))
     scale = logit_scale(model)
     labels_all = torch.as_tensor(data.labels)
-    class_tokens = tokenizer(class_prompts(data.classnames, data.descriptions, cfg)).to(device) if cfg.uses_drm \
+    desc_tokens = tokenizer(check_descriptions(data.classnames, data.descriptions)).to(device) if cfg.uses_drm \
         else None
     local = micro_batch // world.world_size
     bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method}", disable=not world.main)
@@ -374,13 +374,16 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
         images = images.to(device)
         labels = labels_all[index].to(device)
         with autocast_context(device, cfg.precision):
-            if cfg.uses_drm:
-                img, class_txt = encoder(images, class_tokens)
-                loss, extra = drm_loss(img.float(), class_txt.float(), labels, q_all[index].to(device), cfg, scale)
+            batch = sampler.global_batch(micro)
+            captions = data.pick_captions(batch, cfg.seed, micro)[world.rank * local:(world.rank + 1) * local]
+            tokens = tokenizer(captions).to(device)
+            if cfg.uses_drm:  # one text forward for captions and descriptions (one call DDP can wrap)
+                img, txt = encoder(images, torch.cat([tokens, desc_tokens]))
+                txt, desc_txt = txt[:len(captions)], txt[len(captions):]
+                loss, extra = drm_loss(img.float(), txt.float(), desc_txt.float(), labels, q_all[index].to(device),
+                                       cfg, scale)
             else:
-                batch = sampler.global_batch(micro)
-                captions = data.pick_captions(batch, cfg.seed, micro)[world.rank * local:(world.rank + 1) * local]
-                img, txt = encoder(images, tokenizer(captions).to(device))
+                img, txt = encoder(images, tokens)
                 loss = contrastive_loss(img.float(), txt.float(), labels, cfg, scale)
         scaled = loss / cfg.accum_steps
         (scaler.scale(scaled) if scaler else scaled).backward()

@@ -1,10 +1,11 @@
 """Training objectives: contrastive (MPM-NCE or CLIP/FLYP) and DRM.
 
 DRM (our reading; the authors' training loss is not public), for a batch of images x
-with labels y, C classes, image features f, default-prompt text features t_df and
-description text features t_cd (all L2-normalised, s = the frozen logit scale):
+with labels y, C classes, image features f, caption features t and description text
+features t_cd (all L2-normalised, s = the frozen logit scale):
 
-    ERM = CE(s * f . t_df, y)
+    ERM = the method's own contrastive loss on (f, t): MPM-NCE for adapters, CLIP (FLYP)
+          for full fine-tuning, exactly as without DRM (same captions and templates)
     WRM = - sum_c q_c(x) log softmax_c(s * f . t_cd)
     loss = ERM + lambda * WRM
 
@@ -12,12 +13,13 @@ q is the frozen pretrained model's core-based prediction on x (its description h
 ``softmax`` normalisation q = softmax(s * a), or ``minmax`` q = (a - min a) / (max a - min a),
 renormalised to sum to 1, with a = f0(x) . t0_cd the image-description affinities;
 optionally mixed with the label, q <- (1 - m) q + m onehot(y). At inference the two heads
-are mixed: p = beta * softmax(df) + (1 - beta) * softmax(cd).
+are mixed: p = beta * softmax(df) + (1 - beta) * softmax(cd), df being the zero-shot head over
+the caption templates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,22 +67,20 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor,
     """
     img, txt, labels = gather(img), gather(txt), gather(labels)
     if cfg.loss_name == "mpm-nce":
-        return radapter.mpm_nce_loss(img, txt, labels, eps=cfg.eps, margin=cfg.margin, temperature=cfg.temperature)
+        temperature = cfg.temperature if cfg.temperature is not None else 1.0 / scale
+        return radapter.mpm_nce_loss(img, txt, labels, eps=cfg.eps, margin=cfg.margin, temperature=temperature)
     return radapter.clip_loss(img, txt, scale)
 
 
-def drm_loss(img: torch.Tensor, class_txt: torch.Tensor, labels: torch.Tensor, q: torch.Tensor,
+def drm_loss(img: torch.Tensor, txt: torch.Tensor, desc_txt: torch.Tensor, labels: torch.Tensor, q: torch.Tensor,
              cfg: TrainConfig, scale: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """ERM on the default-prompt head + lambda * WRM proxy on the description head (see module doc).
+    """The method's contrastive loss on captions + lambda * WRM proxy on the description head (module doc).
 
-    ``class_txt`` holds the C default-prompt features then the C description features.
-    The loss is per example, so each process's local mean is averaged by DDP.
+    ``txt`` are the batch's caption features, ``desc_txt`` the C description features. WRM is
+    per example, so each process's local mean is averaged by DDP, as the contrastive loss is.
     """
-    c = class_txt.shape[0] // 2
-    f = F.normalize(img, dim=-1)
-    t = F.normalize(class_txt, dim=-1)
-    logits_df, logits_cd = scale * f @ t[:c].t(), scale * f @ t[c:].t()
-    erm = F.cross_entropy(logits_df, labels)
+    erm = contrastive_loss(img, txt, labels, cfg, scale)
+    logits_cd = scale * F.normalize(img, dim=-1) @ F.normalize(desc_txt, dim=-1).t()
     wrm = -(q * F.log_softmax(logits_cd, dim=1)).sum(1).mean()
     return erm + cfg.drm_lambda * wrm, {"erm": erm.item(), "wrm": wrm.item()}
 
@@ -98,17 +98,22 @@ def normalise_core(affinity: torch.Tensor, labels: torch.Tensor, cfg: TrainConfi
     return q
 
 
-def class_prompts(classnames: list[str], descriptions: list[str], cfg: TrainConfig) -> list[str]:
-    """The C default prompts followed by the C descriptions (DRM's dual prompts)."""
+def check_descriptions(classnames: list[str], descriptions: list[str]) -> list[str]:
+    """DRM's description prompts, one per class, or a one-line error saying how to get them."""
     if len(descriptions) != len(classnames):
         raise radapter.RAdapterError("DRM needs one core-feature description per class; for your own classes "
                                      "run `python -m train.describe` first")
-    return [cfg.drm_default_template.format(c) for c in classnames] + list(descriptions)
+    return list(descriptions)
+
+
+def default_templates(cfg: TrainConfig, templates: Sequence[str]) -> tuple[str, ...]:
+    """The templates of DRM's default head: ``--drm-default-template`` or the caption templates."""
+    return (cfg.drm_default_template,) if cfg.drm_default_template else tuple(templates)
 
 
 def dual_head(model: nn.Module, tokenizer: Callable, classnames: list[str], descriptions: list[str],
-              cfg: TrainConfig) -> DRMHead:
+              templates: Sequence[str], cfg: TrainConfig) -> DRMHead:
     """DRM inference head of the (merged) text tower: ``beta`` mixes the two heads' probabilities."""
-    class_prompts(classnames, descriptions, cfg)  # same one-line error when descriptions are missing
-    return DRMHead(model, tokenizer, classnames, descriptions, default_template=cfg.drm_default_template,
+    check_descriptions(classnames, descriptions)
+    return DRMHead(model, tokenizer, classnames, descriptions, default_template=default_templates(cfg, templates),
                    beta=cfg.drm_beta)

@@ -16,9 +16,11 @@ from radapter.evaluation import plot_alpha_sweep
 
 from .config import TrainConfig
 from .data import build_train_data
+from .description_check import choose_descriptions
 from .evaluate import alpha_setter, evaluate_retrieval_task, final_evaluation, linear_probe
 from .loop import find_resume_point, init_distributed, resolve_device, run_training
 from .lora import merge_lora
+from .objectives import default_templates
 
 log = logging.getLogger("train")
 
@@ -42,6 +44,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                     else radapter.load_model())
     model.to(device)
     data = build_train_data(cfg)
+    checked = None
+    if cfg.uses_drm and cfg.drm_check_descriptions and data.bench is not None and data.bench.val is not None \
+            and data.spec_descriptions:
+        checked = choose_descriptions(model, tokenizer, preprocess, data.bench.spec, data.bench.val,
+                                      data.templates, cfg.eval_limit)
+        chosen = list(checked["candidates"][checked["chosen"]]["descriptions"].values())
+        data.spec_descriptions = chosen
+        data.descriptions = chosen if data.class_subset is None else [chosen[c] for c in data.class_subset]
     out.mkdir(parents=True, exist_ok=True)
     if world.main:
         cfg.save(out / "config.json")
@@ -69,11 +79,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         results = final_evaluation(model, tokenizer, preprocess, data, cfg, set_alpha)
     metrics = {"method": cfg.method, "config": cfg.to_dict(), "training": summary, "results": results,
                "evaluation_seconds": round(time.perf_counter() - started, 2)}
+    if checked is not None:
+        metrics["description_check"] = checked
     if cfg.uses_adapters:
         alpha = results.get("chosen_alpha", cfg.default_alpha)
         extra = {}
         if cfg.uses_drm:
-            extra["drm"] = {"beta": cfg.drm_beta, "default_template": cfg.drm_default_template,
+            extra["drm"] = {"beta": cfg.drm_beta, "templates": list(default_templates(cfg, data.templates)),
                             "classnames": data.classnames, "descriptions": data.descriptions}
         radapter.save_adapters(model, out / "adapter.safetensors",
                                default_alpha=alpha if alpha is not None else 0.5,
