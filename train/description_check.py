@@ -2,9 +2,9 @@
 
 DRM's worst-case-risk term trusts the frozen model's description head: if that head is
 worse than the plain zero-shot head, the term pulls the fine-tuned model toward worse
-predictions. So before a DRM run, every candidate set (the benchmark's own descriptions,
-then ``description_candidates`` in its spec) is scored on the ID validation split with the
-frozen model, and training uses the best one. The scores go into ``metrics.json``.
+predictions. So before a DRM run, every candidate set (see :func:`description_candidates`)
+is scored on the ID validation split with the frozen model, and training uses the best
+one. The scores go into ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,28 @@ from radapter.evaluation.zero_shot import encode_texts, zero_shot_classifier
 log = logging.getLogger("train")
 
 
+#: How candidate sets are written from each class's description (``description_patterns`` in a
+#: spec overrides them): ``{description}``, the class's prompt ``{name}``, and ``{prompt}``, the
+#: benchmark's first template filled with the name (no final full stop). The released DRM
+#: descriptions name their class too ("<Name> is ...").
+DEFAULT_PATTERNS = ("{prompt} with {description}.", "{prompt}: {description}.", "{name}: {description}.")
+
+
 def description_candidates(spec: BenchmarkSpec) -> list[list[str]]:
-    """The spec's descriptions, then each candidate set, in class order (duplicates dropped)."""
+    """Candidate description sets in class order (duplicates dropped): the spec's descriptions,
+    each set in its ``description_candidates``, then each pattern applied to the descriptions."""
     sets = [spec.description_list()] if spec.descriptions else []
     for cand in spec.extra.get("description_candidates", []):
         missing = [n for n in spec.prompt_names if n not in cand]
         if missing:
             raise ValueError(f"{spec.name}: a description candidate has no entry for {missing}")
         sets.append([cand[n] for n in spec.prompt_names])
+    if spec.descriptions:
+        template = spec.templates[0] if spec.templates else "a photo of a {}."
+        for pattern in spec.extra.get("description_patterns", DEFAULT_PATTERNS):
+            sets.append([pattern.format(description=spec.descriptions[n].rstrip("."), name=n,
+                                        prompt=template.format(n).rstrip("."))
+                         for n in spec.prompt_names])
     unique: list[list[str]] = []
     for s in sets:
         if s not in unique:

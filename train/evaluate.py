@@ -179,7 +179,8 @@ def linear_probe(model: nn.Module, preprocess, data: TrainData, cfg: TrainConfig
         acc = float((clf.predict(feats["val"]) == sets["val"].labels).mean())
         if acc > best_acc:
             best, best_acc = clf, acc
-    res = {k: ev.classification_metrics(torch.as_tensor(best.decision_function(feats[k])), sets[k].labels)
+    res = {k: ev.classification_metrics(torch.as_tensor(best.decision_function(feats[k])), sets[k].labels,
+                                        sets[k].groups, sets[k].min_group_size)
            for k in sets if k != "val"}
     return {"all": {"at_chosen_alpha": {"alpha": None, **ev.summarise(res.pop("id"), res)}}, "probe_C": best.C,
             "val_top1": best_acc}

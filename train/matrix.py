@@ -50,6 +50,8 @@ class Group:
 
 GROUPS = (
     Group("emoji", "emoji", CLASSIFICATION, headline=True),
+    # The spurious-correlation benchmark: where the zero-shot model is the robust one.
+    Group("emoji-backgrounds", "emoji-backgrounds", CLASSIFICATION, cost=1.2, headline=True),
     Group("fmnist", "fmnist", CLASSIFICATION, cost=2.5, headline=True),
     Group("emoji-retrieval", "emoji", ("zero-shot", "r-adapter"), ("--task", "retrieval"), sweep=True),
     Group("emoji-base2novel", "emoji", ("zero-shot", "full-ft", "r-adapter"), ("--base-to-novel",)),
