@@ -40,7 +40,7 @@ def test_drm_is_the_methods_own_loss_plus_the_worst_case_term():
     for method, family in (("drm", "mpm-nce"), ("full-ft-drm", "clip")):
         cfg = TrainConfig(method=method, drm_lambda=0.0)
         assert cfg.loss_name == family
-        loss, parts = drm_loss(img, txt, desc, labels, q, cfg, scale=19.0)
+        loss, _ = drm_loss(img, txt, desc, labels, q, cfg, scale=19.0)
         assert torch.allclose(loss, contrastive_loss(img, txt, labels, cfg, 19.0))
         cfg.drm_lambda = 2.0
         loss2, parts2 = drm_loss(img, txt, desc, labels, q, cfg, scale=19.0)

@@ -444,3 +444,52 @@ def test_bf16_autocast_trains_on_cpu(folders, tmp_path):
     diff = [float((a[k] - b[k]).norm() / a[k].norm()) for k in adapters]
     # the products ran in bf16 (the adapters differ), and training followed the same course
     assert max(diff) > 0 and sum(diff) / len(diff) < 0.2
+
+
+def _group_metrics(method: str, seed: int, params: int, curve: dict[float, tuple[float, float, float, float]],
+                   chosen: float | None, check: float | None = None) -> dict:
+    """Metrics of a run on a grouped benchmark: ``curve[alpha] = (ID, ID worst, OOD, OOD worst)``."""
+    def point(alpha):
+        i, iw, o, ow = curve[alpha]
+        return {"alpha": alpha, "id": {"top1": i, "worst_group": iw},
+                "ood": {"conflict": {"top1": o, "worst_group": ow}},
+                "ood_avg": {"top1": o, "worst_group": ow}}
+
+    alphas = sorted(curve)
+    part = {"at_chosen_alpha": point(chosen if chosen is not None else alphas[-1])}
+    if len(alphas) > 1:
+        part["sweep"] = [point(a) for a in alphas]
+    metrics = {"method": method, "training": {"trainable_parameters": params},
+               "results": {"chosen_alpha": chosen, "alphas": alphas, "all": part}}
+    if check is not None:
+        metrics["description_check"] = {"chosen": 0, "default_head_top1": 0.6, "candidates": [{"top1": check}]}
+    return metrics
+
+
+def test_report_worst_groups_fixed_alpha_goals_and_plot(tmp_path):
+    from train.report import main
+
+    root = tmp_path / "m"
+    g = "emoji-backgrounds"
+    _write(root, f"{g}/zero-shot/seed0", _group_metrics("zero-shot", 0, 0, {1.0: (0.5, 0.3, 0.6, 0.2)}, None))
+    ft = {0.0: (0.5, 0.3, 0.6, 0.2), 0.5: (0.8, 0.6, 0.55, 0.25), 1.0: (0.95, 0.9, 0.3, 0.05)}
+    ra = {0.0: (0.5, 0.3, 0.6, 0.2), 0.5: (0.75, 0.6, 0.6, 0.3), 1.0: (0.9, 0.85, 0.4, 0.1)}
+    drm = {0.0: (0.5, 0.3, 0.6, 0.2), 0.5: (0.74, 0.6, 0.62, 0.31), 1.0: (0.9, 0.85, 0.45, 0.12)}
+    for s in range(2):
+        _write(root, f"{g}/full-ft/seed{s}", _group_metrics("full-ft", s, 28_000_000, ft, 1.0))
+        _write(root, f"{g}/r-adapter/seed{s}", _group_metrics("r-adapter", s, 2_000_000, ra, 1.0))
+        _write(root, f"{g}/drm/seed{s}", _group_metrics("drm", s, 2_000_000, drm, 1.0, check=0.58))
+    out = tmp_path / "docs" / "results.md"
+    assert main([str(root), "--out", str(out), "--adapters", str(tmp_path / "none")]) == 0
+    md = out.read_text()
+    # columns: ID, conflict, avg OOD, ID worst group, conflict worst group, avg OOD worst group
+    assert "| full FT (FLYP) | 28.00M | 0,1 | 1 | 95.0 ± 0.0 | 30.0 ± 0.0 | 30.0 ± 0.0 | 90.0 ± 0.0 | 5.0 ± 0.0 |" in md
+    assert "| R-Adapter, alpha 0.5 | 2.00M | 0,1 | 0.5 (fixed) | 75.0 ± 0.0 | 60.0 ± 0.0 |" in md
+    assert "| 58.0 ± 0.0 / 60.0 ± 0.0 |" in md  # DRM row: description head / zero-shot head on ID val
+    assert "full FT's OOD worst group falls below zero-shot's: 5.0 vs 20.0 — met" in md
+    assert "R-Adapter at alpha 0.5 vs WiSE-FT at alpha 0.5: OOD average 60.0 vs 55.0, OOD worst group 30.0 vs " \
+           "25.0, with 0.07x its trainable parameters — met" in md
+    assert "R-Adapter + DRM beats R-Adapter by >= 3 points of OOD worst group (alpha chosen on ID val): 12.0 vs " \
+           "10.0 (+2.0) — missed" in md
+    png = tmp_path / "docs" / "plots" / f"{g}-alpha.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"](plots/{g}-alpha.png)" in md

@@ -21,7 +21,8 @@ from radapter.atomic import atomic_path
 
 from .matrix import GROUPS, MATRIX_FILE, RUN_FILE
 
-# (label, method, which point): "chosen" = alpha chosen on ID validation, "alpha1" = the fine-tuned end.
+# (label, method, which point): "chosen" = alpha chosen on ID validation, "alpha1" = the fine-tuned end,
+# "alpha0.5" = the papers' fixed alpha 0.5 (no choice at all).
 CLASSIFICATION_ROWS = (
     ("zero-shot", "zero-shot", "chosen"),
     ("linear probe", "linear-probe", "chosen"),
@@ -32,10 +33,16 @@ CLASSIFICATION_ROWS = (
     ("R-Adapter + DRM", "drm", "chosen"),
     ("full FT + DRM", "full-ft-drm", "alpha1"),
     ("WiSE-FT of full FT + DRM", "full-ft-drm", "chosen"),
+    ("WiSE-FT of full FT, alpha 0.5", "full-ft", "alpha0.5"),
+    ("R-Adapter, alpha 0.5", "r-adapter", "alpha0.5"),
+    ("R-Adapter + DRM, alpha 0.5", "drm", "alpha0.5"),
+    ("WiSE-FT of full FT + DRM, alpha 0.5", "full-ft-drm", "alpha0.5"),
 )
 RETRIEVAL_ROWS = (("zero-shot", "zero-shot"), ("R-Adapter", "r-adapter"))
 B2N_ROWS = (("zero-shot", "zero-shot"), ("WiSE-FT of full FT", "full-ft"), ("R-Adapter", "r-adapter"))
 TITLES = {"emoji": "Emoji categories (9 classes): ID = Google-style test, OOD = Twitter-style test",
+          "emoji-backgrounds": "Emoji on backgrounds (5 classes, Waterbirds-style): ID = 95% of images on their "
+                               "class's background, OOD = every image on another one (Google style; Twitter style)",
           "fmnist": "Fashion-MNIST (10 classes): ID = test, OOD = 12 ImageNet-C corruptions (severity 2 and 4)"}
 COMPARISONS = (("R-Adapter", "WiSE-FT of full FT"), ("R-Adapter", "full FT (FLYP)"), ("R-Adapter", "LoRA (merged)"),
                ("R-Adapter + DRM", "R-Adapter"), ("full FT + DRM", "full FT (FLYP)"))
@@ -63,19 +70,31 @@ def stat(values: list[float]) -> dict[str, Any]:
             "n": len(values), "values": values}
 
 
+FIXED_ALPHAS = {"alpha1": 1.0, "alpha0.5": 0.5}
+
+
 def classification_point(metrics: dict[str, Any], which: str) -> dict[str, Any] | None:
-    """Top-1 ID / per-OOD / average OOD at the chosen alpha, or at alpha 1 (``which="alpha1"``)."""
+    """Top-1 ID / per-OOD / average OOD at the chosen alpha, or at a fixed one (``alpha1``, ``alpha0.5``);
+    with worst-group accuracy (``*_wg``) where the benchmark has groups."""
     part = metrics.get("results", {}).get("all")
     if not part:
         return None
-    if which == "alpha1":
-        point = next((p for p in part.get("sweep", []) if abs(p["alpha"] - 1.0) < 1e-9), None)
+    if which in FIXED_ALPHAS:
+        point = next((p for p in part.get("sweep", []) if abs(p["alpha"] - FIXED_ALPHAS[which]) < 1e-9), None)
         if point is None:
             return None
     else:
         point = part["at_chosen_alpha"]
-    return {"alpha": point.get("alpha"), "id": point["id"]["top1"],
-            "ood": {k: v["top1"] for k, v in point["ood"].items()}, "ood_avg": point["ood_avg"]["top1"]}
+    out = {"alpha": point.get("alpha"), "id": point["id"]["top1"],
+           "ood": {k: v["top1"] for k, v in point["ood"].items()}, "ood_avg": point["ood_avg"]["top1"]}
+    if "worst_group" in point["id"]:
+        out.update(id_wg=point["id"]["worst_group"], ood_wg={k: v["worst_group"] for k, v in point["ood"].items()},
+                   ood_avg_wg=point["ood_avg"]["worst_group"])
+    check = metrics.get("description_check")
+    if check:
+        out["description_head_val"] = check["candidates"][check["chosen"]]["top1"]
+        out["default_head_val"] = check["default_head_top1"]
+    return out
 
 
 def retrieval_point(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -141,7 +160,9 @@ def build_figures(runs: Runs, matrix: dict[str, Any]) -> dict[str, Any]:
                 continue
             if kind == "classification":
                 points = {s: classification_point(m, which) for s, m in seeds.items()}
-                keys = ["id", "ood", "ood_avg"]
+                first = next((p for p in points.values() if p), {})
+                keys = [k for k in ("id", "ood", "ood_avg", "id_wg", "ood_wg", "ood_avg_wg", "description_head_val",
+                                    "default_head_val") if k in first]
             elif kind == "retrieval":
                 points = {s: retrieval_point(m) for s, m in seeds.items()}
                 keys = ["id_t2i", "id_i2t", "ood_t2i", "ood_i2t"]
@@ -156,7 +177,7 @@ def build_figures(runs: Runs, matrix: dict[str, Any]) -> dict[str, Any]:
         if table:
             figures[kind][name] = table
         if kind == "classification":
-            sweeps = {m: _mean_sweep(runs.get((name, m), {})) for m in ("r-adapter", "full-ft")}
+            sweeps = {m: _mean_sweep(runs.get((name, m), {})) for m in ("r-adapter", "drm", "full-ft", "full-ft-drm")}
             sweeps = {m: s for m, s in sweeps.items() if s}
             if sweeps:
                 figures["sweeps"][name] = sweeps
@@ -182,8 +203,15 @@ def _mean_sweep(seeds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
               if r.get("all", {}).get("sweep") and len(r["all"]["sweep"]) == len(r.get("alphas", []))]
     if not sweeps or len(sweeps) != len(results):
         return []
-    return [{"alpha": pts[0]["alpha"], "id": stat([p["id"]["top1"] for p in pts]),
-             "ood_avg": stat([p["ood_avg"]["top1"] for p in pts])} for pts in zip(*sweeps, strict=True)]
+    out = []
+    for pts in zip(*sweeps, strict=True):
+        point = {"alpha": pts[0]["alpha"], "id": stat([p["id"]["top1"] for p in pts]),
+                 "ood_avg": stat([p["ood_avg"]["top1"] for p in pts])}
+        if all("worst_group" in p["id"] for p in pts):
+            point["id_wg"] = stat([p["id"]["worst_group"] for p in pts])
+            point["ood_avg_wg"] = stat([p["ood_avg"]["worst_group"] for p in pts])
+        out.append(point)
+    return out
 
 
 def _mean_val_sweep(seeds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -240,15 +268,41 @@ def val_sweep_lines(name: str, val: dict[str, Any]) -> list[str]:
             *_table(["alpha", *(SWEEP_LABELS[m] for m in val)], rows), ""]
 
 
+def alpha_cell(row: dict[str, Any]) -> str:
+    return f"{FIXED_ALPHAS[row['point']]:g} (fixed)" if row["point"] in FIXED_ALPHAS and row["point"] != "alpha1" \
+        else alphas(row)
+
+
 def classification_section(name: str, table: dict[str, Any], sweeps: dict[str, Any],
                            val: dict[str, Any] | None = None) -> list[str]:
     oods = list(next(iter(table.values()))["ood"])
     wide = len(oods) > MAX_OOD_COLUMNS
-    header = ["method", "trainable params", "seeds", "alpha (ID val)", "ID", *([] if wide else oods),
+    groups = any("id_wg" in r for r in table.values())
+    drm = any("description_head_val" in r for r in table.values())
+    header = ["method", "trainable params", "seeds", "alpha", "ID", *([] if wide else oods),
               f"avg OOD ({len(oods)})"]
-    rows = [[label, params(r["trainable_parameters"]), seeds_cell(r), alphas(r), pct(r["id"]),
-             *([] if wide else [pct(r["ood"].get(o)) for o in oods]), pct(r["ood_avg"])] for label, r in table.items()]
-    lines = [f"## {TITLES.get(name, name)}", "", "Top-1 accuracy (%), test splits, mean ± std over seeds.", "",
+    if groups:
+        header += ["ID worst group", *([] if wide else [f"{o} worst group" for o in oods]), "avg OOD worst group"]
+    if drm:
+        header += ["description head / zero-shot head (ID val)"]
+    rows = []
+    for label, r in table.items():
+        row = [label, params(r["trainable_parameters"]), seeds_cell(r), alpha_cell(r), pct(r["id"]),
+               *([] if wide else [pct(r["ood"].get(o)) for o in oods]), pct(r["ood_avg"])]
+        if groups:
+            row += [pct(r.get("id_wg")), *([] if wide else [pct(r.get("ood_wg", {}).get(o)) for o in oods]),
+                    pct(r.get("ood_avg_wg"))]
+        if drm:
+            row += [f"{pct(r['description_head_val'])} / {pct(r['default_head_val'])}"
+                    if "description_head_val" in r else ""]
+        rows.append(row)
+    lines = [f"## {TITLES.get(name, name)}", "",
+             "Top-1 accuracy (%), test splits, mean ± std over seeds. Alpha: chosen on ID validation, or the "
+             "papers' fixed 0.5 where the row says so."
+             + (" Worst group: the lowest top-1 over class x background groups (Sagawa et al. 2020) with at least "
+                "the benchmark's minimum of images." if groups else "")
+             + (" DRM rows: the chosen description head's top-1 on ID validation, and the zero-shot head's, before "
+                "training." if drm else ""), "",
              *_table(header, rows), ""]
     if wide:
         lines += [f"Per OOD set ({name}, top-1 %):", "",
@@ -266,6 +320,91 @@ def classification_section(name: str, table: dict[str, Any], sweeps: dict[str, A
                   "validation, never on these numbers.", "", *_table(header, rows), ""]
     elif val:
         lines += val_sweep_lines(name, val)
+    return lines
+
+
+PLOT_METHODS = {"full-ft": ("WiSE-FT (full FT)", "tab:orange"), "full-ft-drm": ("WiSE-FT (full FT + DRM)", "tab:brown"),
+                "r-adapter": ("R-Adapter", "tab:blue"), "drm": ("R-Adapter + DRM", "tab:green")}
+SINGLE_POINTS = {"LoRA (merged)": ("LoRA", "tab:purple", "D"), "linear probe": ("linear probe", "tab:gray", "^")}
+
+
+def plot_curves(name: str, sweeps: dict[str, Any], table: dict[str, Any], path: Path) -> Path | None:
+    """WiSE-FT's figure: ID (x) against OOD (y), one point per alpha and a line per method, with
+    the zero-shot (alpha 0) and fine-tuned (alpha 1) ends marked; a second panel for worst groups."""
+    if not sweeps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("id", "ood_avg", "average")]
+    if all("id_wg" in p for s in sweeps.values() for p in s):
+        panels.append(("id_wg", "ood_avg_wg", "worst-group"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110, squeeze=False)
+    wg_keys = {"id": "id_wg", "ood_avg": "ood_avg_wg"}
+    for ax, (xk, yk, what) in zip(axes[0], panels, strict=True):
+        for method, points in sweeps.items():
+            label, colour = PLOT_METHODS.get(method, (method, None))
+            xs, ys = [100 * p[xk]["mean"] for p in points], [100 * p[yk]["mean"] for p in points]
+            ax.plot(xs, ys, "o-", color=colour, label=label, markersize=4)
+            ax.plot(xs[-1], ys[-1], "s", color=colour, markersize=8)
+            for p, x, y in zip(points, xs, ys, strict=True):
+                ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=colour)
+        first = next(iter(sweeps.values()))[0]
+        ax.plot(100 * first[xk]["mean"], 100 * first[yk]["mean"], "*", color="black", markersize=13,
+                label="zero-shot (alpha 0)")
+        for row_label, (label, colour, marker) in SINGLE_POINTS.items():
+            row = table.get(row_label)
+            keys = (xk, yk) if what == "average" else (wg_keys["id"], wg_keys["ood_avg"])
+            if row and all(k in row for k in keys):
+                ax.plot(100 * row[keys[0]]["mean"], 100 * row[keys[1]]["mean"], marker, color=colour, markersize=8,
+                        label=label)
+        ax.set_xlabel(f"ID {what} top-1 (%)")
+        ax.set_ylabel(f"OOD {what} top-1 (%)")
+        ax.set_title(f"{name}: {what} accuracy, alpha 0 -> 1", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.text(0.01, 0.01, "numbers: alpha; square: alpha 1 (fine-tuned); star: zero-shot", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+GOALS = "R-Adapter at alpha 0.5 vs WiSE-FT at alpha 0.5"
+
+
+def goal_lines(name: str, table: dict[str, Any]) -> list[str]:
+    """The spurious-correlation goals, measured: met or missed, with the figures."""
+    def m(label: str, key: str) -> float | None:
+        return 100 * table[label][key]["mean"] if label in table and key in table[label] else None
+
+    lines = []
+    ft, zs = m("full FT (FLYP)", "ood_avg_wg"), m("zero-shot", "ood_avg_wg")
+    if ft is not None and zs is not None:
+        lines.append(f"- full FT's OOD worst group falls below zero-shot's: {ft:.1f} vs {zs:.1f} — "
+                     f"{'met' if ft < zs else 'missed'}.")
+    ra, wf = "R-Adapter, alpha 0.5", "WiSE-FT of full FT, alpha 0.5"
+    if ra in table and wf in table:
+        avg = (m(ra, "ood_avg"), m(wf, "ood_avg"))
+        wg = (m(ra, "ood_avg_wg"), m(wf, "ood_avg_wg"))
+        ok = avg[0] >= avg[1] and (wg[0] is None or wg[0] >= wg[1])
+        ratio = (table[ra]["trainable_parameters"] or 0) / max(1, table[wf]["trainable_parameters"] or 1)
+        lines.append(f"- {GOALS}: OOD average {avg[0]:.1f} vs {avg[1]:.1f}"
+                     + (f", OOD worst group {wg[0]:.1f} vs {wg[1]:.1f}" if wg[0] is not None else "")
+                     + f", with {ratio:.2f}x its trainable parameters — {'met' if ok else 'missed'}.")
+    d, r = m("R-Adapter + DRM", "ood_avg_wg"), m("R-Adapter", "ood_avg_wg")
+    if d is not None and r is not None:
+        lines.append(f"- R-Adapter + DRM beats R-Adapter by >= 3 points of OOD worst group (alpha chosen on ID val): "
+                     f"{d:.1f} vs {r:.1f} ({d - r:+.1f}) — {'met' if d - r >= 3 else 'missed'}.")
+    d5, r5 = m("R-Adapter + DRM, alpha 0.5", "ood_avg_wg"), m("R-Adapter, alpha 0.5", "ood_avg_wg")
+    if d5 is not None and r5 is not None:
+        lines.append(f"- the same at the fixed alpha 0.5: {d5:.1f} vs {r5:.1f} ({d5 - r5:+.1f}) — "
+                     f"{'met' if d5 - r5 >= 3 else 'missed'}.")
     return lines
 
 
@@ -345,6 +484,15 @@ def render(figures: dict[str, Any], matrix: dict[str, Any], command: str) -> str
     for name, table in figures["classification"].items():
         lines += classification_section(name, table, figures["sweeps"].get(name, {}),
                                         figures.get("val_sweeps", {}).get(name))
+        plot = figures.get("plots", {}).get(name)
+        if plot:
+            lines += [f"![{name}: ID against OOD accuracy for every alpha]({plot})", "",
+                      "Each line is one method's weight-space ensemble from alpha 0 (the zero-shot model, the star) "
+                      "to alpha 1 (the fine-tuned model, the square), as in WiSE-FT's figure; up and to the right is "
+                      "better. Means over seeds, test splits.", ""]
+        goals = goal_lines(name, table)
+        if goals and any("worst_group" in k or k.endswith("_wg") for r in table.values() for k in r):
+            lines += [f"Goals on {name} (measured, not tested):", "", *goals, ""]
     for name, table in figures["retrieval"].items():
         lines += ["## Emoji retrieval: image ↔ name captions", "",
                   "Recall@1 (%): name→image (text to image) and image→name; ID = Google-style test, OOD = "
@@ -405,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", nargs="?", default="runs/matrix", help="matrix root (default: runs/matrix)")
     p.add_argument("--out", default="docs/results.md", help="markdown page (default: docs/results.md)")
     p.add_argument("--json", default=None, help="figures JSON (default: bench/results.json beside --out)")
+    p.add_argument("--plots", default=None, help="folder for the alpha-curve PNGs (default: plots/ beside --out)")
     p.add_argument("--adapters", default="adapters",
                    help="shipped adapters folder, for their sweeps (default: adapters)")
     args = p.parse_args(argv)
@@ -417,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     figures = build_figures(runs, matrix)
     figures["shipped"] = load_shipped(Path(args.adapters))
     out = Path(args.out)
+    plots = Path(args.plots) if args.plots else out.parent / "plots"
+    figures["plots"] = {}
+    for name, sweeps in figures["sweeps"].items():
+        path = plot_curves(name, sweeps, figures["classification"].get(name, {}), plots / f"{name}-alpha.png")
+        if path:
+            figures["plots"][name] = path.resolve().relative_to(out.parent.resolve()).as_posix() \
+                if path.resolve().is_relative_to(out.parent.resolve()) else str(path)
     json_path = Path(args.json) if args.json else out.parent / "bench" / "results.json"
     command = (f"python -m train.report {args.root} --out {args.out}" + (f" --json {args.json}" if args.json else "")
                + (f" --adapters {args.adapters}" if args.adapters != "adapters" else ""))
