@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import functools
 import gzip
 import hashlib
 import json
@@ -43,6 +42,7 @@ from ..atomic import atomic_dir
 from ..errors import RAdapterError
 from .benchmark_spec import get_spec
 from .cache import data_dir
+from .composite import background_crop, paste_object
 
 FORMAT_VERSION = 1
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -259,28 +259,6 @@ def prepare_emoji(out: Path, emoji_dir: Path | None = None, downloads: Path | No
 
 
 # ---------------------------------------------------------------- segmentation
-@functools.lru_cache(maxsize=32)
-def _sample_photo(name: str) -> np.ndarray:
-    """One of scikit-image's sample images as uint8 RGB."""
-    import skimage.data
-
-    img = np.asarray(getattr(skimage.data, name)())
-    if img.dtype != np.uint8:
-        img = (255 * (img - img.min()) / max(float(np.ptp(img)), 1e-9)).astype(np.uint8)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    return img[:, :, :3]
-
-
-def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random square crop (half to all of the short side) of a sample photo, at ``size`` px."""
-    img = _sample_photo(name)
-    side = int(min(img.shape[:2]) * rng.uniform(0.5, 1.0))
-    r, c = rng.integers(0, img.shape[0] - side + 1), rng.integers(0, img.shape[1] - side + 1)
-    crop = Image.fromarray(img[r:r + side, c:c + side])
-    return np.asarray(crop.resize((size, size), Image.BILINEAR))
-
-
 def _place(rng: np.random.Generator, sizes: list[int], canvas: int) -> list[tuple[int, int]] | None:
     boxes: list[tuple[int, int, int]] = []
     for s in sizes:
@@ -319,7 +297,7 @@ def prepare_segmentation(out: Path, emoji_folder: Path) -> None:
         while spots is None:
             sizes = [max(spec["object_size"][0], s * 3 // 4) for s in sizes]
             spots = _place(rng, sizes, size)
-        bg = _background(spec["backgrounds"][int(rng.integers(len(spec["backgrounds"])))], size, rng)
+        bg = background_crop(spec["backgrounds"][int(rng.integers(len(spec["backgrounds"])))], size, rng)
         for style in EMOJI_STYLES:
             canvas = bg.astype(np.float32).copy()
             mask = np.zeros((size, size), np.uint8)
@@ -340,19 +318,6 @@ def prepare_segmentation(out: Path, emoji_folder: Path) -> None:
 
 
 # ---------------------------------------------------------------- emoji-backgrounds
-def _composite(rgba: np.ndarray, background: np.ndarray, size: int, spot: tuple[int, int]) -> tuple[np.ndarray,
-                                                                                                     np.ndarray]:
-    """``rgba`` resized to ``size`` px and pasted by its alpha at ``spot``: (image, object mask)."""
-    obj = np.asarray(Image.fromarray(rgba).resize((size, size), Image.LANCZOS)).astype(np.float32)
-    r, c = spot
-    canvas = background.astype(np.float32).copy()
-    a = obj[:, :, 3:] / 255.0
-    canvas[r:r + size, c:c + size] = a * obj[:, :, :3] + (1 - a) * canvas[r:r + size, c:c + size]
-    mask = np.zeros(background.shape[:2], bool)
-    mask[r:r + size, c:c + size] = obj[:, :, 3] >= 128
-    return canvas.round().astype(np.uint8), mask
-
-
 def _background_plan(labels: list[int], ties: list[int], n_backgrounds: int, agreement: float,
                      rng: np.random.Generator) -> list[int]:
     """Background group of each image: its class's own for a fraction ``agreement`` (exactly,
@@ -411,12 +376,12 @@ def prepare_emoji_backgrounds(out: Path, emoji_folder: Path) -> None:
         for name, style, emoji, plan in jobs:
             images, masks = [], []
             for i, b in zip(tqdm(emoji, desc=f"emoji-backgrounds {name}"), plan, strict=True):
-                bg = _background(cfg["backgrounds"][b], size, rng)
+                bg = background_crop(cfg["backgrounds"][b], size, rng)
                 if rng.random() < 0.5:
                     bg = bg[:, ::-1]
                 s = int(rng.integers(lo, hi + 1))
                 spot = (int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1)))
-                image, mask = _composite(styles[style][i], bg, s, spot)
+                image, mask = paste_object(styles[style][i], bg, s, spot)
                 images.append(image)
                 masks.append(mask)
             _save(tmp / f"{name}.npz", images=np.stack(images), masks=np.stack(masks),
