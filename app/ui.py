@@ -24,6 +24,7 @@ from radapter.data.benchmark_spec import get_spec
 from radapter.errors import RAdapterError
 from radapter.evaluation import plot_alpha_sweep
 
+from .backgrounds import BackgroundShift
 from .examples import Examples
 from .heads import ALPHA_STEP
 from .limits import ImageLimitError, data_url_to_file
@@ -40,7 +41,8 @@ from .service import (
 from .shift import CORRUPTIONS, apply_corruption
 
 log = logging.getLogger(__name__)
-BENCHMARK_CLASSES = {name: ", ".join(get_spec(name).prompt_names) for name in ("fmnist", "digits", "emoji")}
+BENCHMARK_CLASSES = {name: ", ".join(get_spec(name).prompt_names)
+                     for name in ("emoji-backgrounds", "fmnist", "digits", "emoji")}
 NO_IMAGE = "That is not an image: send an uploaded file's path or a data:image/...;base64 URL."
 
 
@@ -131,10 +133,24 @@ def _merged(duplicates: list[str]) -> str:
     return f"; duplicate class names merged: {', '.join(duplicates)}" if duplicates else ""
 
 
+def _verdict(probs: dict[str, float], truth: str | None) -> str:
+    name, p = max(probs.items(), key=lambda kv: kv[1])
+    mark = "" if truth is None else (" ✓" if name == truth else " ✗")
+    return f"{name} ({100 * p:.0f}%){mark}"
+
+
 def build_ui(service: ModelService, retrieval: RetrievalService | None, examples: Examples) -> gr.Blocks:
     adapters = service.adapter_names()
     first = adapters[0]
     first_alpha = service.adapters[first].default_alpha if first in service.adapters else 0.0
+    shift = BackgroundShift(examples.data)
+    shift_emoji = shift.emoji_names()
+
+    def adapter_classes(adapter: str) -> str:
+        """The class list of the benchmark the adapter was trained on (fmnist's for none)."""
+        entry = service.adapters.get(adapter)
+        bench = (entry.info.get("training", {}).get("benchmark") if entry else None) or "fmnist"
+        return BENCHMARK_CLASSES.get(bench, BENCHMARK_CLASSES["fmnist"])
 
     def adapter_info(adapter: str) -> str:
         entry = service.adapters.get(adapter)
@@ -194,6 +210,30 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
             f"alpha used: **{alpha:g}**{_merged(repeated)}\n\n{table}"
 
     @friendly
+    def background_shift(emoji: str | None, background: str | None, upload, adapter: str, alpha: float,
+                         beta: float):
+        """Classify an image on its training background and on another, by the three models."""
+        alpha, beta = check_alpha(alpha), check_beta(beta)
+        if not background:
+            raise InputError("Pick a background first.")
+        if upload is not None:
+            left = as_rgb_array(upload, max_side=512)
+            right, truth = shift.paste(left, background), None
+            heads = ("your image", f"on {background}")
+        else:
+            if not emoji:
+                raise InputError("Pick an emoji from the list (or upload your own image).")
+            left, right, truth, own = shift.emoji_pair(emoji, background)
+            heads = (f"on {own} (its training background)", f"on {background}")
+        before = service.compare(left, shift.classnames, adapter, alpha, beta=beta)
+        after = service.compare(right, shift.classnames, adapter, alpha, beta=beta)
+        rows = [f"| {k} ({which}) | {_verdict(before[k], truth)} | {_verdict(after[k], truth)} |"
+                for k, which in (("zero-shot", "alpha 0"), ("fine-tuned", "alpha 1"), ("merged", f"alpha {alpha:g}"))]
+        table = f"| model | {heads[0]} | {heads[1]} |\n|---|---|---|\n" + "\n".join(rows)
+        head = f"alpha used: **{alpha:g}**" + (f"; true class: **{truth}**" if truth else "")
+        return left, right, f"{head}\n\n{table}"
+
+    @friendly
     def emoji_pair(name: str | None):
         if not examples.emoji_names():
             raise InputError("Emoji examples need the prepared emoji benchmark: "
@@ -234,7 +274,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
             with gr.Row():
                 with gr.Column():
                     c_image = image_input(label="Image", sources=["upload", "clipboard"], elem_id="classify-image")
-                    c_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names (comma separated)",
+                    c_classes = gr.Textbox(value=adapter_classes(first), label="Class names (comma separated)",
                                            elem_id="classify-classes")
                     c_bench = gr.Dropdown(list(BENCHMARK_CLASSES), value=None, label="...or a benchmark's classes")
                     c_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
@@ -269,10 +309,33 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     s_out = gr.AnnotatedImage(label="Masks", elem_id="segment-masks")
                     s_note = gr.Markdown(elem_id="segment-note")
         with gr.Tab("OOD inspection"):
+            gr.Markdown("### Background shift (the emoji-backgrounds benchmark)\n"
+                        "In training, each class sat on its own background 95% of the time; a fine-tuned model "
+                        "learns the background as a shortcut, the zero-shot model never saw it. Put an unseen "
+                        "emoji on another background and drag alpha: somewhere between 0 and 1 the merged model "
+                        "keeps the fine-tuned accuracy on the training background and the zero-shot robustness "
+                        "on the new one (the curve below marks your alpha).")
+            with gr.Row():
+                with gr.Column():
+                    first_emoji = shift_emoji[0] if shift_emoji else None
+                    b_emoji = gr.Dropdown(shift_emoji, value=first_emoji,
+                                          label="Emoji (test split: never trained on)", elem_id="shift-emoji")
+                    b_background = gr.Dropdown(list(shift.backgrounds), value=shift.conflicting(first_emoji),
+                                               label="Background to move it onto", elem_id="shift-background")
+                    b_upload = image_input(label="...or your own image, pasted onto that background",
+                                           elem_id="shift-upload")
+                    b_button = gr.Button("Compare on both backgrounds", variant="primary", elem_id="shift-button")
+                with gr.Column():
+                    with gr.Row():
+                        b_left = gr.Image(label="ID: training background", type="numpy", elem_id="shift-left")
+                        b_right = gr.Image(label="OOD: the chosen background", type="numpy", elem_id="shift-right")
+                    b_note = gr.Markdown(elem_id="shift-note")
+                    o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter", elem_id="ood-plot")
+            gr.Markdown("### Corruptions and drawing styles")
             with gr.Row():
                 with gr.Column():
                     o_image = image_input(label="Image", elem_id="ood-image")
-                    o_classes = gr.Textbox(value=BENCHMARK_CLASSES["fmnist"], label="Class names",
+                    o_classes = gr.Textbox(value=adapter_classes(first), label="Class names",
                                            elem_id="ood-classes")
                     o_corruption = gr.Dropdown(CORRUPTIONS, value="gaussian_noise", label="Corruption")
                     o_severity = checked_slider(check_severity, 1, 5, value=3, step=1, label="Severity")
@@ -289,7 +352,6 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     o_zs, o_ft, o_merged = (gr.Label(num_top_classes=3, label=f"{t} on the shifted input") for t in
                                             ("zero-shot", "fine-tuned", "merged"))
                     o_note = gr.Markdown(elem_id="ood-note")
-                    o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter", elem_id="ood-plot")
 
         c_args = [c_image, c_classes, adapter, alpha, beta]
         c_outs = [c_zs, c_ft, c_merged, c_alpha]
@@ -302,6 +364,8 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
         o_button.click(inspect, [o_image, o_classes, o_corruption, o_severity, adapter, alpha, beta],
                        [o_shifted, o_zs, o_ft, o_merged, o_note], api_name="inspect")
         o_pair.click(emoji_pair, o_emoji, [o_google, o_twitter], api_name="emoji_pair")
+        b_button.click(background_shift, [b_emoji, b_background, b_upload, adapter, alpha, beta],
+                       [b_left, b_right, b_note], api_name="background_shift")
 
         @friendly
         def on_release(image, classes, adapter_name, a, b):
@@ -323,10 +387,12 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                 retrieval.warm(name)
             entry = service.adapters.get(name)
             a = entry.default_alpha if entry else 0.0
+            classes = adapter_classes(name)
             return gr.update(value=a), adapter_info(name), plot(name, a), \
-                retrieval.status(name) if retrieval else "Retrieval is off."
+                retrieval.status(name) if retrieval else "Retrieval is off.", classes, classes
 
-        adapter.change(on_adapter, adapter, [alpha, info, o_plot, r_status], api_name="select_adapter")
+        adapter.change(on_adapter, adapter, [alpha, info, o_plot, r_status, c_classes, o_classes],
+                       api_name="select_adapter")
         # The plot is drawn when a page loads (once per alpha), not while the app starts.
         demo.load(lambda name, a: (retrieval.status(name) if retrieval else "Retrieval is off.", plot(name, a)),
                   [adapter, alpha], [r_status, o_plot], api_name=False)

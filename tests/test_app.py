@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 import threading
 
@@ -238,3 +239,50 @@ def test_retrieval_answers_from_the_nearest_alpha_index(service, tmp_path):
     assert retrieval._jobs[NO_ADAPTER].wait(timeout=120)
     base = retrieval.search("a red square", "text->image", NO_ADAPTER, 0.7)
     assert base.index_alpha is None and len(base.items) == 6 and "zero-shot" in base.message
+
+
+def _save_png(tmp_path) -> str:
+    path = tmp_path / "upload.png"
+    Image.fromarray(IMAGE).save(path)
+    return str(path)
+
+
+def test_background_shift_pastes_one_emoji_on_two_backgrounds(tmp_path):
+    from app.backgrounds import SHOWN, BackgroundShift
+    from tests.test_data_prepare import _fake_prepared_emoji
+
+    with pytest.raises(InputError, match="prepare emoji"):
+        BackgroundShift(tmp_path / "empty").emoji_pair("x", "grass")
+    _fake_prepared_emoji(tmp_path / "emoji", splits=("test", "train"))
+    meta = json.loads((tmp_path / "emoji" / "emoji_meta.json").read_text())
+    shift = BackgroundShift(tmp_path)
+    names = shift.emoji_names()
+    assert names and set(names) == {m["name"] for m in meta if m["split"] == "test"}
+    name = names[0]
+    other = shift.conflicting(name)
+    own_img, new_img, truth, own = shift.emoji_pair(name, other)
+    assert truth == name.split()[0] and own != other  # the fake emoji are named after their class
+    assert own == shift.training_background(shift.classnames.index(truth))
+    assert own_img.shape == new_img.shape == (SHOWN, SHOWN, 3) and not np.array_equal(own_img, new_img)
+    again = shift.emoji_pair(name, other)
+    assert np.array_equal(again[0], own_img) and np.array_equal(again[1], new_img)  # deterministic
+    assert shift.paste(IMAGE, other).shape == (SHOWN, SHOWN, 3)
+    with pytest.raises(InputError, match="Unknown background"):
+        shift.emoji_pair(name, "moon")
+    with pytest.raises(InputError, match="Unknown emoji"):
+        shift.emoji_pair("no such emoji", other)
+
+
+def test_background_shift_in_the_app_names_the_true_class(service, tmp_path):
+    from app.examples import Examples
+    from app.ui import build_ui
+    from tests.test_data_prepare import _fake_prepared_emoji
+
+    _fake_prepared_emoji(tmp_path / "data" / "emoji")  # every fake emoji is in the train split: none to pick
+    demo = build_ui(service, None, Examples(tmp_path / "examples", data=tmp_path / "data"))
+    fn = next(f.fn for f in demo.fns.values() if f.name == "background_shift")
+    with pytest.raises(Exception, match="Pick an emoji"):
+        fn(None, "grass", None, "colours", 0.5, 0.5)
+    left, right, note = fn(None, "grass", _save_png(tmp_path), "colours", 0.5, 0.5)
+    assert left.shape[2] == right.shape[2] == 3 and "alpha used: **0.5**" in note
+    assert note.count("\n| ") == 4 and "on grass" in note and "true class" not in note  # an upload has none

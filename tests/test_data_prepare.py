@@ -100,8 +100,9 @@ def test_emoji_and_segmentation_from_fixture(tmp_path):
     assert g.object_names == t.object_names  # same layouts in both styles
 
 
-def _fake_prepared_emoji(folder: Path, per_class: int = 6) -> None:
-    """A prepared-emoji folder with ``per_class`` disc-shaped emoji in each emoji-backgrounds class."""
+def _fake_prepared_emoji(folder: Path, per_class: int = 6, splits: tuple[str, ...] = ("train",)) -> None:
+    """A prepared-emoji folder with ``per_class`` disc-shaped emoji in each emoji-backgrounds class,
+    named after their class, their emoji split taken in turn from ``splits``."""
     from radapter.atomic import atomic_dir
     from radapter.data.benchmark_spec import get_spec
     from radapter.data.prepare import _finish
@@ -114,7 +115,8 @@ def _fake_prepared_emoji(folder: Path, per_class: int = 6) -> None:
     for k, (name, sub) in enumerate(subs.items()):
         for j in range(per_class):
             meta.append({"unified": f"{k}-{j}", "name": f"{name} {j}", "captions": [f"{name} {j}"],
-                         "category": "x", "subcategory": sub[j % len(sub)], "split": "train", "image": "x.png"})
+                         "category": "x", "subcategory": sub[j % len(sub)], "split": splits[j % len(splits)],
+                         "image": "x.png"})
             for style in images:
                 rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
                 images[style].append(np.dstack([rgb, disc]))

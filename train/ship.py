@@ -3,8 +3,8 @@
     python -m train.ship runs/emoji adapters/emoji-categories
 
 writes ``adapters/emoji-categories.safetensors`` and ``adapters/emoji-categories.sweep.json``
-(the test-split ID / OOD score at each alpha the run evaluated: top-1, or mean R@1 for a retrieval
-run; the app plots it with the current alpha).
+(the test-split ID / OOD score at each alpha the run evaluated: top-1 and, on a benchmark with
+groups, worst-group top-1, or mean R@1 for a retrieval run; the app plots it with the current alpha).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def sweep_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
             "chosen_alpha": results.get("chosen_alpha"), "method": metrics.get("method")}
     part = results.get("all") or results.get("base") or {}
     if part.get("sweep"):
-        return {**head, "points": [{"alpha": p["alpha"], "id": {"top1": p["id"]["top1"]},
-                                    "ood_avg": {"top1": p["ood_avg"].get("top1")}} for p in part["sweep"]]}
+        keys = ("top1", "worst_group") if all("worst_group" in p["id"] for p in part["sweep"]) else ("top1",)
+        return {**head, "points": [{"alpha": p["alpha"], "id": {k: p["id"][k] for k in keys},
+                                    "ood_avg": {k: p["ood_avg"].get(k) for k in keys}} for p in part["sweep"]]}
     tested = [p for p in results.get("points", []) if "id" in p]
     if tested:
         return {**head, "key": "r1", "metric": "R@1, mean of both directions",

@@ -189,7 +189,8 @@ def alpha_sweep(
 
 def plot_alpha_sweep(sweep: dict[str, Any], path: str | Path, *, current_alpha: float | None = None,
                      title: str | None = None) -> Path:
-    """ID and average-OOD score against alpha, optionally marking the alpha in use.
+    """ID and average-OOD score (and the OOD worst group, where given) against alpha, optionally
+    marking the alpha in use.
 
     ``sweep["points"]`` hold ``{"alpha", "id": {key: v}, "ood_avg": {key: v}}`` with ``key =
     sweep.get("key", "top1")``; ``sweep.get("metric")`` names it on the axis (retrieval: R@1).
@@ -208,6 +209,9 @@ def plot_alpha_sweep(sweep: dict[str, Any], path: str | Path, *, current_alpha: 
     ood = [p["ood_avg"].get(key, math.nan) * 100 for p in sweep["points"]]
     if not all(math.isnan(v) for v in ood):
         ax.plot(alphas, ood, "s-", label="OOD (average)")
+    if key == "top1" and all("worst_group" in p["ood_avg"] for p in sweep["points"]):
+        ax.plot(alphas, [100 * p["ood_avg"]["worst_group"] for p in sweep["points"]], "v--",
+                label="OOD worst group")
     if current_alpha is not None:
         ax.axvline(current_alpha, color="grey", linestyle="--", label=f"alpha = {current_alpha:g}")
     ax.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
