@@ -286,3 +286,4 @@ def test_background_shift_in_the_app_names_the_true_class(service, tmp_path):
     left, right, note = fn(None, "grass", _save_png(tmp_path), "colours", 0.5, 0.5)
     assert left.shape[2] == right.shape[2] == 3 and "alpha used: **0.5**" in note
     assert note.count("\n| ") == 4 and "on grass" in note and "true class" not in note  # an upload has none
+    assert service.wait_for_heads(timeout=60)  # no warmer thread left running at exit
