@@ -493,3 +493,15 @@ def test_report_worst_groups_fixed_alpha_goals_and_plot(tmp_path):
            "10.0 (+2.0) — missed" in md
     png = tmp_path / "docs" / "plots" / f"{g}-alpha.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"](plots/{g}-alpha.png)" in md
+
+
+@pytest.mark.parametrize("method", ["r-adapter", "full-ft"])
+def test_val_every_records_the_curve_and_trains_the_same(folders, tmp_path, method):
+    plain = run(_cfg(folders, tmp_path / "plain", method=method, eval_alphas=2))
+    watched = run(_cfg(folders, tmp_path / "watched", method=method, eval_alphas=2, val_every=4))
+    curve = watched["training"]["val_curve"]
+    assert [p["step"] for p in curve] == [4, 6] and all(0 <= p["top1"] <= 1 for p in curve)
+    assert "val_curve" not in plain["training"]
+    # looking at validation does not change what trains (its DataLoader's seed draw is undone)
+    assert watched["training"]["final_loss"] == plain["training"]["final_loss"]
+    assert watched["results"]["all"]["sweep"] == plain["results"]["all"]["sweep"]

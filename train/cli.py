@@ -48,6 +48,8 @@ HELP = {
     "drm_norm": "DRM target from core affinities: softmax or minmax",
     "drm_label_mix": "DRM: mix the label into the target q (0 = core prediction only)",
     "drm_default_template": "DRM default head at inference: one template (default: the caption templates)",
+    "val_every": "score ID validation (top-1 at alpha 1) every N steps and at the end, to see the budget plateau "
+                 "(metrics.json: training.val_curve); the RNG is restored, so training is the same",
     "drm_check_descriptions": "DRM: score each candidate description set on ID validation and train on the best",
     "lr": "learning rate (paper: 5e-4)", "weight_decay": "AdamW weight decay (paper: 0)",
     "warmup_steps": "linear warm-up steps before the cosine decay (paper: 500)",

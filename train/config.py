@@ -20,7 +20,7 @@ METHODS = ("r-adapter", "drm", "full-ft", "full-ft-drm", "lora", "linear-probe",
 RESUME_FREE = frozenset({
     "val_folder", "test_folder", "drm_beta", "grad_checkpointing", "device", "workers", "keep_freed_memory",
     "out_dir", "log_every", "ckpt_every", "resume", "resume_allow_changes", "eval_limit", "eval_alphas",
-    "test_sweep", "default_alpha",
+    "test_sweep", "default_alpha", "val_every",
 })
 # Options that decide which tensors the checkpoint holds: no resume can change them.
 RESUME_FIXED = frozenset({"method", "model", "pretrained", "rank", "lora_rank"})
@@ -87,6 +87,7 @@ class TrainConfig:
     resume: bool = False
     resume_allow_changes: bool = False  # --resume may change settings that alter the run
     eval_limit: int | None = None
+    val_every: int = 0  # >0: ID validation top-1 at alpha 1 every N steps (the plateau curve)
     eval_alphas: int = 11  # alpha grid points for the sweep (0..1)
     test_sweep: bool = True  # False: the test split only at the chosen alpha and at 1 (validation still sweeps)
     default_alpha: float | None = None  # None: best alpha on the ID validation split

@@ -66,6 +66,23 @@ def _benchmarks(data: TrainData) -> dict[str, tuple[Benchmark, list[str], list[s
 Setter = Callable[[float], None]
 
 
+def validation_top1(tokenizer, preprocess, data: TrainData, cfg: TrainConfig) -> Callable[[nn.Module], float] | None:
+    """``model -> ID validation top-1`` with the method's own head (``None`` without a val split or
+    ``--val-every``): the training curve that shows whether the budget has plateaued."""
+    if not cfg.val_every or cfg.task != "classification" or data.bench is None:
+        return None
+    bench, names, desc = next(iter(_benchmarks(data).values()))
+    if bench.val is None:
+        return None
+
+    def score(model: nn.Module) -> float:
+        builder = head_builder(tokenizer, names, data.templates, desc, cfg)
+        res = ev.evaluate_benchmark_classification(model, tokenizer, preprocess, bench, split="val",
+                                                   limit=cfg.eval_limit, head_builder=builder, progress=False)
+        return res["id"]["top1"]
+    return score
+
+
 def _sweep(model, tokenizer, preprocess, bench, builder, set_alpha: Setter, alphas, split, cfg) -> list[dict]:
     """Scores at each alpha: ``val`` the ID validation split (to choose alpha), ``test`` ID and OOD."""
     points = []

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,9 +324,11 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
 
 def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: TrainConfig, device: torch.device,
-                 world: Dist, resume: ResumePoint | None = None) -> dict[str, Any]:
+                 world: Dist, resume: ResumePoint | None = None,
+                 validate: Callable[[nn.Module], float] | None = None) -> dict[str, Any]:
     """Train ``model`` in place, continuing from ``resume`` if given (see ``find_resume_point``);
-    returns a summary (steps, final loss, timing)."""
+    returns a summary (steps, final loss, timing). With ``validate`` and ``cfg.val_every``, the
+    summary's ``val_curve`` holds ``validate(model)`` every ``val_every`` steps and at the end."""
     out = Path(cfg.out_dir)
     if cfg.precision == "fp16" and device.type != "cuda":
         log.warning("--precision fp16 needs a GPU; training in fp32 on %s (bf16 autocast runs on CPU)", device)
@@ -365,6 +368,7 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
     local = micro_batch // world.world_size
     bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method}", disable=not world.main)
     t0, loss_value, extra, step = time.time(), last_loss, {}, start
+    val_curve: list[dict[str, float]] = []
     set_train_mode(model, cfg)
     batches = iter(loader)
     if rng is not None:
@@ -409,11 +413,32 @@ def run_training(model: nn.Module, tokenizer, preprocess, data: TrainData, cfg: 
             parts = " ".join(f"{k} {v:.4f}" for k, v in extra.items())
             log.info("step %d/%d  loss %.4f %s lr %.2e  %.1f img/s", step, steps, loss_value, parts,
                      sched.get_last_lr()[0], rate)
+        if validate is not None and cfg.val_every and world.main and (step % cfg.val_every == 0 or step == steps):
+            val_curve.append({"step": step, "top1": validate_keeping_rng(model, validate, cfg)})
+            log.info("step %d: ID validation top-1 %.1f%% (alpha 1)", step, 100 * val_curve[-1]["top1"])
         if world.main and not cfg.dry_run and (step % cfg.ckpt_every == 0 or step == steps):
             checkpoints.save(model, cfg, opt, sched, step, scaler, loss=loss_value)
     bar.close()
     model.eval()
     if world.world_size > 1:
         dist.barrier()
-    return {"steps": step, **final_loss(loss_value, resume is not None), "seconds": round(time.time() - t0, 2),
-            "examples": len(data), "trainable_parameters": sum(p.numel() for p in params)}
+    summary = {"steps": step, **final_loss(loss_value, resume is not None), "seconds": round(time.time() - t0, 2),
+               "examples": len(data), "trainable_parameters": sum(p.numel() for p in params)}
+    if val_curve:
+        summary["val_curve"] = val_curve
+    return summary
+
+
+def validate_keeping_rng(model: nn.Module, validate: Callable[[nn.Module], float], cfg: TrainConfig) -> float:
+    """``validate(model)`` in eval mode, then back to the method's training mode with the RNG as it
+    was: evaluation's DataLoader draws a seed, and training must not depend on how often it looked."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        model.eval()
+        return float(validate(model))
+    finally:
+        set_train_mode(model, cfg)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

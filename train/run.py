@@ -17,7 +17,7 @@ from radapter.evaluation import plot_alpha_sweep
 from .config import TrainConfig
 from .data import build_train_data
 from .description_check import choose_descriptions
-from .evaluate import alpha_setter, evaluate_retrieval_task, final_evaluation, linear_probe
+from .evaluate import alpha_setter, evaluate_retrieval_task, final_evaluation, linear_probe, validation_top1
 from .loop import find_resume_point, init_distributed, resolve_device, run_training
 from .lora import merge_lora
 from .objectives import default_templates
@@ -61,7 +61,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     theta0 = _clone_state(model) if full else None
     summary: dict[str, Any] = {}
     if trains:
-        summary = run_training(model, tokenizer, preprocess, data, cfg, device, world, resume)
+        summary = run_training(model, tokenizer, preprocess, data, cfg, device, world, resume,
+                               validate=validation_top1(tokenizer, preprocess, data, cfg))
     if not world.main:
         return {}
     if cfg.method == "lora":
