@@ -493,6 +493,14 @@ def test_report_worst_groups_fixed_alpha_goals_and_plot(tmp_path):
            "10.0 (+2.0) — missed" in md
     png = tmp_path / "docs" / "plots" / f"{g}-alpha.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"](plots/{g}-alpha.png)" in md
+    budget = tmp_path / "budget"
+    curve = _group_metrics("r-adapter", 0, 2_000_000, ra, 1.0)
+    curve["training"]["val_curve"] = [{"step": 50, "top1": 0.8}, {"step": 100, "top1": 0.9}]
+    _write(budget, f"{g}/r-adapter/seed0", curve)
+    assert main([str(root), "--out", str(out), "--adapters", str(tmp_path / "none"), "--budget-runs",
+                 str(budget)]) == 0
+    md = out.read_text()
+    assert f"## Budget check ({g})" in md and "| 50 | 80.0 |" in md and "| 100 | 90.0 |" in md
 
 
 @pytest.mark.parametrize("method", ["r-adapter", "full-ft"])

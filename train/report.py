@@ -519,8 +519,41 @@ def render(figures: dict[str, Any], matrix: dict[str, Any], command: str) -> str
         lines += ["## What the numbers say", "",
                   "Differences of means over seeds, in percentage points; compare them with the ± columns above "
                   "before reading a winner into them.", "", *obs, ""]
+    if figures.get("budget"):
+        lines += budget_lines(figures["budget"]["curves"], figures["budget"]["matrix_steps"], figures["budget"]["root"])
     lines += shipped_lines(figures.get("shipped", {}))
     return "\n".join(lines)
+
+
+BUDGET_LABELS = {"r-adapter": "R-Adapter", "drm": "R-Adapter + DRM", "full-ft": "full FT",
+                 "full-ft-drm": "full FT + DRM", "lora": "LoRA"}
+
+
+def budget_curves(runs: Runs) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """``group -> method -> val_curve`` (seed 0, or the lowest seed) of runs trained with ``--val-every``."""
+    out: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(dict)
+    for (group, method), seeds in sorted(runs.items()):
+        curve = seeds[min(seeds)].get("training", {}).get("val_curve")
+        if curve:
+            out[group][method] = curve
+    return dict(out)
+
+
+def budget_lines(curves: dict[str, dict[str, list[dict[str, float]]]], budget: int | None, root: str) -> list[str]:
+    """The ID validation curve over training steps: has the matrix's budget plateaued?"""
+    lines = []
+    for group, methods in curves.items():
+        steps = sorted({p["step"] for c in methods.values() for p in c})
+        by_step = {m: {p["step"]: p["top1"] for p in c} for m, c in methods.items()}
+        rows = [[str(s) + (" (the matrix's budget)" if s == budget else ""),
+                 *(f"{100 * by_step[m][s]:.1f}" if s in by_step[m] else "—" for m in methods)] for s in steps]
+        lines += [f"## Budget check ({group}): ID validation against training steps", "",
+                  f"ID validation top-1 (%) at alpha 1 during training (`--val-every`; one seed, twice the matrix's "
+                  f"steps, from `{root}`): where the curve is flat by the matrix's budget, more steps would not "
+                  "change the comparison.", "",
+                  *_table(["step", *(BUDGET_LABELS.get(m, m) for m in methods)],
+                          rows), ""]
+    return lines
 
 
 def load_shipped(folder: Path) -> dict[str, Any]:
@@ -553,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", nargs="?", default="runs/matrix", help="matrix root (default: runs/matrix)")
     p.add_argument("--out", default="docs/results.md", help="markdown page (default: docs/results.md)")
     p.add_argument("--json", default=None, help="figures JSON (default: bench/results.json beside --out)")
+    p.add_argument("--budget-runs", default=None,
+                   help="a matrix root of runs trained with --val-every, for the budget-check tables")
     p.add_argument("--plots", default=None, help="folder for the alpha-curve PNGs (default: plots/ beside --out)")
     p.add_argument("--adapters", default="adapters",
                    help="shipped adapters folder, for their sweeps (default: adapters)")
@@ -565,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     matrix = json.loads((root / MATRIX_FILE).read_text()) if (root / MATRIX_FILE).is_file() else {}
     figures = build_figures(runs, matrix)
     figures["shipped"] = load_shipped(Path(args.adapters))
+    if args.budget_runs:
+        curves = budget_curves(load_runs(Path(args.budget_runs)))
+        if curves:
+            figures["budget"] = {"root": args.budget_runs, "matrix_steps": matrix.get("settings", {}).get("steps"),
+                                 "curves": curves}
     out = Path(args.out)
     plots = Path(args.plots) if args.plots else out.parent / "plots"
     figures["plots"] = {}
@@ -575,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                 if path.resolve().is_relative_to(out.parent.resolve()) else str(path)
     json_path = Path(args.json) if args.json else out.parent / "bench" / "results.json"
     command = (f"python -m train.report {args.root} --out {args.out}" + (f" --json {args.json}" if args.json else "")
-               + (f" --adapters {args.adapters}" if args.adapters != "adapters" else ""))
+               + (f" --adapters {args.adapters}" if args.adapters != "adapters" else "")
+               + (f" --budget-runs {args.budget_runs}" if args.budget_runs else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
