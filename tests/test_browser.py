@@ -218,6 +218,13 @@ def test_every_tab_in_chromium(page, workdir: Path, shots: Path) -> None:
     assert "merged" in note and "shifted" in note, note  # the before/after table
     sync_api.expect(page.locator("#ood-shifted img").first).to_be_visible()
     sync_api.expect(page.locator("#ood-plot img").first).to_be_visible()
+
+    # The background shift: the visitor's own photo pasted onto a background, the three models on both.
+    page.locator("#shift-upload input[type=file]").set_input_files(photo)
+    page.locator("#shift-button").click()
+    note = _wait_note(page, "shift-note", after)
+    assert "your image" in note and "zero-shot" in note and "merged" in note, note
+    sync_api.expect(page.locator("#shift-right img").first).to_be_visible()
     _screenshot(page, shots, "ood")
 
 
