@@ -327,10 +327,14 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     b_button = gr.Button("Compare on both backgrounds", variant="primary", elem_id="shift-button")
                 with gr.Column():
                     with gr.Row():
-                        b_left = gr.Image(label="ID: training background", type="numpy", elem_id="shift-left")
-                        b_right = gr.Image(label="OOD: the chosen background", type="numpy", elem_id="shift-right")
+                        b_left = gr.Image(label="before: on its training background (or your image)", type="numpy",
+                                          elem_id="shift-left")
+                        b_right = gr.Image(label="after: on the chosen background", type="numpy",
+                                           elem_id="shift-right")
                     b_note = gr.Markdown(elem_id="shift-note")
-                    o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter", elem_id="ood-plot")
+                    # No label: Gradio draws it over the image's top edge, where the plot's title is.
+                    o_plot = gr.Image(label="ID / OOD accuracy vs alpha of this adapter", show_label=False,
+                                      elem_id="ood-plot")
             gr.Markdown("### Corruptions and drawing styles")
             with gr.Row():
                 with gr.Column():
