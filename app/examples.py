@@ -37,13 +37,28 @@ class Examples:
     def classify_examples(self) -> list[list[str]]:
         import skimage.data
 
-        out = [[self._save(n, getattr(skimage.data, n)), classes] for n, classes in PHOTOS.items()]
+        out = self.background_examples()
+        out += [[self._save(n, getattr(skimage.data, n)), classes] for n, classes in PHOTOS.items()]
         fmnist = self.data / "fmnist"
         if is_prepared(fmnist):
             with np.load(fmnist / "test.npz") as z:
                 names = ", ".join(get_spec("fmnist").prompt_names)
                 out += [[self._save(f"fmnist-{i}", lambda i=i: np.asarray(Image.fromarray(z["images"][i]).resize(
                     (128, 128)))), names] for i in range(3)]
+        return out
+
+    def background_examples(self, per_set: int = 2) -> list[list[str]]:
+        """emoji-backgrounds test images: on their class's background (ID), then on another (OOD)."""
+        folder = self.data / "emoji-backgrounds"
+        if not is_prepared(folder):
+            return []
+        names = ", ".join(get_spec("emoji-backgrounds").prompt_names)
+        out = []
+        for split in ("test", "ood_conflict"):
+            with np.load(folder / f"{split}.npz") as z:
+                picks = np.random.default_rng(0).permutation(len(z["labels"]))[:per_set]
+                out += [[self._save(f"bg-{split}-{i}", lambda i=i: np.asarray(Image.fromarray(z["images"][i]).resize(
+                    (192, 192), Image.BICUBIC))), names] for i in picks]
         return out
 
     def segment_examples(self) -> list[list[str]]:

@@ -287,3 +287,16 @@ def test_background_shift_in_the_app_names_the_true_class(service, tmp_path):
     assert left.shape[2] == right.shape[2] == 3 and "alpha used: **0.5**" in note
     assert note.count("\n| ") == 4 and "on grass" in note and "true class" not in note  # an upload has none
     assert service.wait_for_heads(timeout=60)  # no warmer thread left running at exit
+
+
+def test_examples_offer_the_background_benchmark_when_prepared(tmp_path):
+    from app.examples import Examples
+    from radapter.data.prepare import prepare
+    from tests.test_data_prepare import _fake_prepared_emoji
+
+    assert Examples(tmp_path / "ex0", data=tmp_path / "data").background_examples() == []
+    _fake_prepared_emoji(tmp_path / "data" / "emoji")
+    prepare(["emoji-backgrounds"], tmp_path / "data")
+    found = Examples(tmp_path / "ex", data=tmp_path / "data").background_examples()
+    assert len(found) == 4 and all(c == "animal, vehicle, building, tool, drink" for _, c in found)
+    assert all(Image.open(p).size == (192, 192) for p, _ in found)
