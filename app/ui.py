@@ -146,6 +146,10 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
     shift = BackgroundShift(examples.data)
     shift_emoji = shift.emoji_names()
 
+    def is_drm(adapter: str) -> bool:
+        entry = service.adapters.get(adapter)
+        return entry is not None and entry.drm is not None
+
     def adapter_classes(adapter: str) -> str:
         """The class list of the benchmark the adapter was trained on (fmnist's for none)."""
         entry = service.adapters.get(adapter)
@@ -267,7 +271,8 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
             adapter = gr.Dropdown(adapters, value=first, label="Adapter (server-side files)")
             alpha = checked_slider(check_alpha, 0.0, 1.0, value=first_alpha, step=ALPHA_STEP, elem_id="alpha",
                                    label="alpha (0 = zero-shot, 1 = fine-tuned)")
-            beta = checked_slider(check_beta, 0.0, 1.0, value=0.5, step=0.05, label="DRM beta (DRM adapters only)")
+            beta = checked_slider(check_beta, 0.0, 1.0, value=0.5, step=0.05, elem_id="beta",
+                                  label="DRM beta: 1 = default head, 0 = description head", visible=is_drm(first))
         info = gr.Markdown(adapter_info(first), elem_id="adapter-info")
 
         with gr.Tab("Classify"):
@@ -393,9 +398,10 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
             a = entry.default_alpha if entry else 0.0
             classes = adapter_classes(name)
             return gr.update(value=a), adapter_info(name), plot(name, a), \
-                retrieval.status(name) if retrieval else "Retrieval is off.", classes, classes
+                retrieval.status(name) if retrieval else "Retrieval is off.", classes, classes, \
+                gr.update(visible=is_drm(name))
 
-        adapter.change(on_adapter, adapter, [alpha, info, o_plot, r_status, c_classes, o_classes],
+        adapter.change(on_adapter, adapter, [alpha, info, o_plot, r_status, c_classes, o_classes, beta],
                        api_name="select_adapter")
         # The plot is drawn when a page loads (once per alpha), not while the app starts.
         demo.load(lambda name, a: (retrieval.status(name) if retrieval else "Retrieval is off.", plot(name, a)),

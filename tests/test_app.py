@@ -280,6 +280,8 @@ def test_background_shift_in_the_app_names_the_true_class(service, tmp_path):
 
     _fake_prepared_emoji(tmp_path / "data" / "emoji")  # every fake emoji is in the train split: none to pick
     demo = build_ui(service, None, Examples(tmp_path / "examples", data=tmp_path / "data"))
+    beta = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "beta")
+    assert beta.visible is False  # "colours" is no DRM adapter: beta would act on nothing
     fn = next(f.fn for f in demo.fns.values() if f.name == "background_shift")
     with pytest.raises(Exception, match="Pick an emoji"):
         fn(None, "grass", None, "colours", 0.5, 0.5)
