@@ -501,6 +501,25 @@ def test_report_worst_groups_fixed_alpha_goals_and_plot(tmp_path):
                  str(budget)]) == 0
     md = out.read_text()
     assert f"## Budget check ({g})" in md and "| 50 | 80.0 |" in md and "| 100 | 90.0 |" in md
+    # An earlier results.json: its other benchmarks are carried over, marked, with their own matrix.
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({
+        "generated_by": "python -m train.report runs/old", "matrix": {"settings": {"steps": 60}, "invocations": [
+            {"command": "python -m train.matrix --steps 60", "finished": "2026-11-23T10:00:00+00:00",
+             "machine": {"cpus": 2}, "jobs": 2, "wall_s": 9.0, "runs": {"done": 1}}]},
+        "classification": {g: {}, "emoji": {"zero-shot": {
+            "method": "zero-shot", "point": "chosen", "trainable_parameters": 0, "seeds": [0], "alpha": [None],
+            "id": {"mean": 0.345, "std": None}, "ood": {"twitter": {"mean": 0.25, "std": None}},
+            "ood_avg": {"mean": 0.25, "std": None}}}},
+        "retrieval": {}, "base_to_novel": {}, "sweeps": {}, "val_sweeps": {}}))
+    assert main([str(root), "--out", str(out), "--adapters", str(tmp_path / "none"), "--earlier",
+                 str(earlier)]) == 0
+    md = out.read_text()
+    assert "(earlier matrix)" in md and "| zero-shot | 0 | 0 | — | 34.5 | 25.0 | 25.0 |" in md
+    assert "**Earlier matrix** (emoji)" in md and "python -m train.matrix --steps 60" in md
+    assert md.index("## Emoji on backgrounds") < md.index("## Emoji categories")  # the new benchmark first
+    carried = json.loads((tmp_path / "docs" / "bench" / "results.json").read_text())
+    assert carried["earlier"]["groups"] == ["emoji"] and carried["earlier"]["source"] == str(earlier)
 
 
 @pytest.mark.parametrize("method", ["r-adapter", "full-ft"])
