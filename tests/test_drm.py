@@ -75,9 +75,17 @@ def test_drm_run_checks_descriptions_on_val_and_saves_its_templates(tmp_path):
     folders = {"train": train, "val": _folder(base / "val", 4, 15, 1), "test": _folder(base / "test", 4, 15, 2)}
     metrics = run(_cfg(folders, tmp_path / "out", method="drm"))
     check = metrics["description_check"]
-    assert check["split"] == "val" and check["images"] == 16 and check["chosen"] == 0
-    assert 0 <= check["default_head_top1"] <= 1 and len(check["candidates"]) == 1
-    assert check["candidates"][0]["descriptions"]["red"] == "a flat square of pure red colour"
+    from train.description_check import DEFAULT_PATTERNS
+
+    assert check["split"] == "val" and check["images"] == 16
+    assert 0 <= check["default_head_top1"] <= 1 and len(check["candidates"]) == 1 + len(DEFAULT_PATTERNS)
+    assert check["candidates"][0]["descriptions"]["red"] == "a flat square of pure red colour"  # the user's own
+    assert check["candidates"][3]["descriptions"]["red"] == "red: a flat square of pure red colour."
+    best = max(c["top1"] for c in check["candidates"])
+    assert check["candidates"][check["chosen"]]["top1"] == best
+    chosen = check["candidates"][check["chosen"]]["descriptions"]
+    assert json.loads(radapter.adapter_file_info(tmp_path / "out" / "adapter.safetensors")["drm"])["descriptions"] \
+        == [chosen[c] for c in ("blue", "green", "red", "yellow")]  # trained on (and shipped with) the chosen set
     info = radapter.adapter_file_info(tmp_path / "out" / "adapter.safetensors")
     from radapter.evaluation.zero_shot import OPENAI_TEMPLATES
 
