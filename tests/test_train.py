@@ -288,6 +288,7 @@ def test_matrix_plan_gives_every_method_the_same_budget():
     assert {f"emoji/drm/seed{s}" for s in range(3)} | {f"fmnist/full-ft-drm/seed{s}" for s in range(3)} <= keys
     assert "fmnist-base2novel/r-adapter/seed0" in keys and "fmnist-base2novel/r-adapter/seed1" not in keys
     assert "emoji-retrieval/r-adapter/seed0" in keys
+    assert {f"emoji-backgrounds/{m}/seed{s}" for m in ("full-ft", "lora", "r-adapter", "drm") for s in range(3)} <= keys
     budgets = set()
     for r in runs:
         argv = settings.train_argv(r, r.out_dir(Path("m")))
@@ -295,7 +296,7 @@ def test_matrix_plan_gives_every_method_the_same_budget():
         budgets.add((r.group.benchmark, opt["--steps"], opt["--batch-size"], opt.get("--train-limit"),
                      opt.get("--eval-limit"), opt["--eval-alphas"]))
         assert ("--lr" in argv) == r.method.startswith("full-ft")
-    assert len(budgets) == 2  # one budget per benchmark, whatever the method
+    assert len(budgets) == 3  # one budget per benchmark, whatever the method
 
 
 def test_matrix_skips_finished_runs_and_records_failures(tmp_path, fake_python, monkeypatch):
