@@ -603,8 +603,8 @@ def load_shipped(folder: Path) -> dict[str, Any]:
 
 def shipped_lines(shipped: dict[str, Any]) -> list[str]:
     lines = ["## The shipped adapters", "",
-             "The adapters the app offers (`adapters/`, each trained with a longer budget than the matrix: the "
-             "commands are in [adapters/README.md](../adapters/README.md)), scored on the test split at every alpha "
+             "The adapters the app offers (`adapters/`, each trained with its command in "
+             "[adapters/README.md](../adapters/README.md)), scored on the test split at every alpha "
              "(from each `NAME.sweep.json`). Alpha 0 is the zero-shot model, alpha 1 the adapters fully merged; "
              "the marked alpha was chosen on ID validation.", ""]
     if not shipped:
@@ -612,10 +612,12 @@ def shipped_lines(shipped: dict[str, Any]) -> list[str]:
     for name, sweep in shipped.items():
         key, metric = sweep.get("key", "top1"), sweep.get("metric", "top-1 accuracy")
         chosen = sweep.get("chosen_alpha")
+        groups = all("worst_group" in p["ood_avg"] for p in sweep["points"])
         rows = [[f"{p['alpha']:g}" + (" (chosen)" if chosen is not None and abs(p["alpha"] - chosen) < 1e-9 else ""),
-                 f"{100 * p['id'][key]:.1f}", f"{100 * p['ood_avg'][key]:.1f}"] for p in sweep["points"]]
+                 f"{100 * p['id'][key]:.1f}", f"{100 * p['ood_avg'][key]:.1f}",
+                 *([f"{100 * p['ood_avg']['worst_group']:.1f}"] if groups else [])] for p in sweep["points"]]
         lines += [f"`{name}` ({sweep.get('benchmark')}, {sweep.get('method')}; {metric}, %):", "",
-                  *_table(["alpha", "ID", "OOD (average)"], rows), ""]
+                  *_table(["alpha", "ID", "OOD (average)", *(["OOD worst group"] if groups else [])], rows), ""]
     return lines
 
 
