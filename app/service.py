@@ -103,7 +103,7 @@ def _read_sweep(path: Path) -> dict[str, Any] | None:
 
 
 def discover_adapters(folder: str | Path | None, base_fingerprint: str | None = None) -> dict[str, AdapterEntry]:
-    """Adapter files in the server's folder (never a path from the browser).
+    """Adapter files in the server's folder (never a path from the browser), in name order.
 
     Unreadable files, files with bad metadata (``radapter.CheckpointError``, or fields the app
     needs that are not what it needs), and files trained on another base model than
@@ -113,7 +113,7 @@ def discover_adapters(folder: str | Path | None, base_fingerprint: str | None = 
     entries: dict[str, AdapterEntry] = {}
     if folder is None or not Path(folder).is_dir():
         return entries
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in sorted(Path(folder).glob("*.safetensors"), key=lambda p: p.stem):  # "a" before "a-b"
         try:
             info = radapter.adapter_file_info(path)
         except radapter.RAdapterError as e:

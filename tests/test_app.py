@@ -302,3 +302,19 @@ def test_examples_offer_the_background_benchmark_when_prepared(tmp_path):
     found = Examples(tmp_path / "ex", data=tmp_path / "data").background_examples()
     assert len(found) == 4 and all(c == "animal, vehicle, building, tool, drink" for _, c in found)
     assert all(Image.open(p).size == (192, 192) for p, _ in found)
+
+
+def test_adapters_are_listed_by_name_so_the_shipped_default_comes_first(service, tmp_path):
+    import shutil
+
+    from app.main import DEFAULT_ADAPTERS
+
+    folder = tmp_path / "order"
+    folder.mkdir()
+    for name in ("x-drm", "x", "w"):
+        shutil.copy(tmp_path / "colours.safetensors", folder / f"{name}.safetensors")
+    assert list(discover_adapters(folder)) == ["w", "x", "x-drm"]  # by name: "x" before "x-drm"
+    shipped = discover_adapters(DEFAULT_ADAPTERS)
+    first = next(iter(shipped.values()))
+    assert first.name == "emoji-backgrounds" and first.info["training"]["benchmark"] == "emoji-backgrounds"
+    assert first.drm is None and shipped["emoji-backgrounds-drm"].drm is not None

@@ -217,9 +217,9 @@ def plot_alpha_sweep(sweep: dict[str, Any], path: str | Path, *, current_alpha: 
     ax.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
     metric = sweep.get("metric", "top-1 accuracy")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(title or f"{sweep['benchmark']}: {metric} vs alpha ({sweep['split']})")
+    ax.set_title(title or f"{sweep['benchmark']}: {metric} vs alpha ({sweep['split']})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
