@@ -19,7 +19,7 @@ COPY --chown=user . .
 RUN pip install -e ".[app]"
 USER user
 ENV RADAPTER_DATA=/home/user/.cache/radapter/data RADAPTER_INDEXES=/home/user/.cache/radapter/indexes
-RUN python -m radapter.data.prepare emoji segmentation
+RUN python -m radapter.data.prepare emoji segmentation emoji-backgrounds
 
 EXPOSE 7860
 CMD ["radapter-app", "--host", "0.0.0.0", "--port", "7860"]
