@@ -262,7 +262,13 @@ if opt["--method"] == os.environ.get("FAKE_FAIL"):
     sys.exit(1)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 (out / "checkpoint.pt").write_text("state")
-(out / "metrics.json").write_text(json.dumps({"method": opt["--method"], "seed": int(opt["--seed"])}))
+lr = float(opt.get("--lr", 5e-4))
+training = {}
+if "--val-every" in opt:  # a learning-rate search run: ID validation best at lr 1e-3
+    import math
+    training["val_curve"] = [{"step": int(opt["--steps"]), "top1": 1 - abs(math.log10(lr) + 3) / 10}]
+(out / "metrics.json").write_text(json.dumps({"method": opt["--method"], "seed": int(opt["--seed"]),
+                                               "config": {"lr": lr}, "training": training}))
 """
 
 
@@ -326,6 +332,48 @@ def test_matrix_skips_finished_runs_and_records_failures(tmp_path, fake_python, 
                       python=fake_python, time_limit=1)
     assert time.time() - t < 20 and (slow["stopped"], slow["not started"]) == (1, 1)
     assert main(["--out", str(root), "--groups", "emoji", "--dry-run"]) == 0
+
+
+def test_matrix_lr_search_gives_every_method_the_same_tries_and_trains_at_the_best(tmp_path, fake_python,
+                                                                                  monkeypatch):
+    from train.matrix import Settings, choose_lrs, main, search_plan
+
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.txt"))
+    monkeypatch.setattr(sys, "executable", fake_python)  # main runs each cell with sys.executable
+    settings = Settings()
+    search = search_plan(settings, [0.5, 1, 2], 0, groups=["emoji-backgrounds"], methods=["r-adapter", "full-ft"])
+    assert sorted((r.method, r.lr) for r in search) == [("full-ft", 1.5e-5), ("full-ft", 3e-5), ("full-ft", 6e-5),
+                                                        ("r-adapter", 2.5e-4), ("r-adapter", 5e-4),
+                                                        ("r-adapter", 1e-3)]
+    assert all(r.search and r.seed == 0 and r.key.startswith("lr-search/") for r in search)
+    argv = settings.train_argv(search[0], Path("x"))
+    assert argv[argv.index("--val-every") + 1] == str(settings.steps)  # scored once, at the end
+    root = tmp_path / "m"
+    args = ["--out", str(root), "--groups", "emoji-backgrounds", "--methods", "zero-shot", "r-adapter", "full-ft",
+            "--seeds", "0", "1", "--lr-search", "0.5", "1", "2", "--no-fingerprint", "--jobs", "2"]
+    assert main(args) == 0
+    matrix = json.loads((root / "matrix.json").read_text())
+    chosen = matrix["lr_search"]["groups"]["emoji-backgrounds"]
+    assert chosen["r-adapter"]["chosen"] == 1e-3 and chosen["full-ft"]["chosen"] == 6e-5
+    assert len(chosen["r-adapter"]["tried"]) == len(chosen["full-ft"]["tried"]) == 3  # the same budget
+    for seed in (0, 1):  # every seed of the matrix at the chosen rate; zero-shot untouched
+        m = json.loads((root / f"emoji-backgrounds/r-adapter/seed{seed}/metrics.json").read_text())
+        assert m["config"]["lr"] == 1e-3
+    assert json.loads((root / "emoji-backgrounds/full-ft/seed1/metrics.json").read_text())["config"]["lr"] == 6e-5
+    assert (root / "emoji-backgrounds/zero-shot/seed0/metrics.json").is_file()
+    from train.report import header_lines
+
+    header = "\n".join(header_lines(matrix, {}, "python -m train.report"))
+    assert "Learning rate, chosen on ID validation" in header and "emoji-backgrounds/r-adapter 0.001 (of" in header
+    # a finished run at another rate is not silently kept
+    (root / "emoji-backgrounds/r-adapter/seed1/metrics.json").write_text(json.dumps({"config": {"lr": 5e-4}}))
+    assert main(args) == 2
+    # a tie keeps the usual rate
+    for r in search:
+        d = r.out_dir(tmp_path / "tie")
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"training": {"val_curve": [{"step": 1, "top1": 0.5}]}}))
+    assert choose_lrs(search, tmp_path / "tie", settings)["emoji-backgrounds"]["r-adapter"]["chosen"] == 5e-4
 
 
 def _classification_metrics(method: str, seed: int, oods: list[str], sweep: bool, params: int,

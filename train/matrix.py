@@ -61,24 +61,31 @@ METHOD_COST = {"zero-shot": 0.3, "linear-probe": 0.6, "lora": 0.8, "r-adapter": 
                "full-ft-drm": 1.1}
 # Full fine-tuning moves every weight: it takes the small learning rate of FLYP / WiSE-FT, not the adapters' 5e-4.
 DEFAULT_LR = {"full-ft": 3e-5, "full-ft-drm": 3e-5}
+BASE_LR = 5e-4  # python -m train's default: adapters, DRM adapters and LoRA
+TRAINED = ("full-ft", "full-ft-drm", "lora", "r-adapter", "drm")
+SEARCH_DIR = "lr-search"
 DEFAULT_TRAIN_LIMIT = {"fmnist": 10000}
 DEFAULT_EVAL_LIMIT = {"emoji": 500, "fmnist": 500}
 
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of the matrix."""
+    """One cell of the matrix, or (``search``) one learning rate tried for a method."""
 
     group: Group
     method: str
     seed: int
+    lr: float | None = None  # None: the settings' rate for the method
+    search: bool = False
 
     @property
     def key(self) -> str:
+        if self.search:
+            return f"{SEARCH_DIR}/{self.group.name}/{self.method}/lr{self.lr:g}/seed{self.seed}"
         return f"{self.group.name}/{self.method}/seed{self.seed}"
 
     def out_dir(self, root: Path) -> Path:
-        return root / self.group.name / self.method / f"seed{self.seed}"
+        return root / self.key
 
 
 @dataclass
@@ -112,8 +119,11 @@ class Settings:
             argv += ["--eval-limit", str(self.eval_limit[bench])]
         if bench in self.train_limit:
             argv += ["--train-limit", str(self.train_limit[bench])]
-        if run.method in self.lr:
-            argv += ["--lr", repr(self.lr[run.method])]
+        lr = run.lr if run.lr is not None else self.lr.get(run.method)
+        if lr is not None:
+            argv += ["--lr", repr(lr)]
+        if run.search:  # scored by ID validation at the end of training, the same way for every method
+            argv += ["--val-every", str(self.steps)]
         if not (self.test_sweep or run.group.sweep):
             argv.append("--no-test-sweep")
         if self.model:
@@ -147,6 +157,45 @@ def plan(settings: Settings, seeds: list[int], groups: list[str] | None = None,
             for s in group_seeds if settings.seed_matters(g, m) else group_seeds[:1]:
                 runs.append(Run(g, m, s))
     return sorted(runs, key=lambda r: -r.group.cost * METHOD_COST[r.method])
+
+
+def method_lr(settings: Settings, method: str) -> float:
+    return settings.lr.get(method, BASE_LR)
+
+
+def search_plan(settings: Settings, multipliers: list[float], seed: int, groups: list[str] | None = None,
+                methods: list[str] | None = None) -> list[Run]:
+    """The learning-rate search: every trained method of the chosen groups at its usual rate times each
+    multiplier, one seed; the same number of runs for every method (the same search budget)."""
+    runs = [Run(g, m, seed, lr=float(f"{method_lr(settings, m) * k:.3g}"), search=True)
+            for g in GROUPS if not groups or g.name in groups
+            for m in g.methods if m in TRAINED and (not methods or m in methods) for k in multipliers]
+    return sorted(runs, key=lambda r: -r.group.cost * METHOD_COST[r.method])
+
+
+def search_score(run: Run, root: Path) -> float | None:
+    """A search run's ID validation top-1 at alpha 1 after training (``None`` if it has none)."""
+    path = run.out_dir(root) / "metrics.json"
+    if not path.is_file():
+        return None
+    curve = json.loads(path.read_text()).get("training", {}).get("val_curve") or []
+    return curve[-1]["top1"] if curve else None
+
+
+def choose_lrs(runs: list[Run], root: Path, settings: Settings) -> dict[str, dict[str, dict[str, Any]]]:
+    """``group -> method -> {"tried": {lr: score}, "chosen": lr}``: the best rate on ID validation (on a
+    tie, the usual rate, else the smaller); a method whose runs all failed keeps its usual rate."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        entry = out.setdefault(run.group.name, {}).setdefault(run.method, {"tried": {}})
+        entry["tried"][repr(run.lr)] = search_score(run, root)
+    for group in out.values():
+        for method, entry in group.items():
+            usual = method_lr(settings, method)
+            scored = [(s, float(lr)) for lr, s in entry["tried"].items() if s is not None]
+            entry["usual"] = usual
+            entry["chosen"] = max(scored, key=lambda t: (t[0], t[1] == usual, -t[1]))[1] if scored else usual
+    return out
 
 
 def _now() -> str:
@@ -231,9 +280,10 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def run_matrix(runs: list[Run], root: Path, settings: Settings, *, jobs: int, threads: int = 1,
-               python: str = sys.executable, time_limit: float | None = None,
+               python: str | None = None, time_limit: float | None = None,
                keep_checkpoints: bool = False) -> dict[str, Any]:
     """Run what is not done yet, ``jobs`` at a time; returns counts and per-run records."""
+    python = python or sys.executable
     todo = [r for r in runs if not is_done(r, root)]
     deadline = None if time_limit is None else time.time() + time_limit
     env, lock, records = run_env(threads), threading.Lock(), []
@@ -303,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training images, a fixed subset per seed (default: {DEFAULT_TRAIN_LIMIT}; 'none': all)")
     p.add_argument("--lr", nargs="+", default=None, metavar="METHOD=LR",
                    help=f"learning rate per method (default: {DEFAULT_LR}; others: train's 5e-4)")
+    p.add_argument("--lr-search", nargs="+", type=float, default=None, metavar="MULT",
+                   help="first try each trained method at its usual learning rate times each MULT (e.g. 0.5 1 2), "
+                        "one seed, and train every seed at the rate with the best ID validation top-1 "
+                        f"(runs in <out>/{SEARCH_DIR}/; the same number of tries for every method)")
     p.add_argument("--device", default=s.device, help="auto, cpu, cuda (default: auto)")
     p.add_argument("--precision", default=s.precision, choices=("fp32", "bf16", "fp16"))
     p.add_argument("--workers", type=int, default=s.workers, help="DataLoader workers per run (default: 1)")
@@ -331,11 +385,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     train_args=tuple(shlex.split(args.train_args)))
 
 
+def _trained_lr(run: Run, root: Path) -> float | None:
+    """The learning rate a finished run's saved config holds (``None`` if it holds none)."""
+    path = run.out_dir(root) / "metrics.json"
+    lr = json.loads(path.read_text()).get("config", {}).get("lr") if path.is_file() else None
+    return None if lr is None else float(lr)
+
+
 def _record_invocation(root: Path, entry: dict[str, Any]) -> None:
     path = root / MATRIX_FILE
     data = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
     data["invocations"].append(entry)
-    data.update({k: entry[k] for k in ("settings", "model", "seeds", "extra_seeds") if k in entry})
+    data.update({k: entry[k] for k in ("settings", "model", "seeds", "extra_seeds", "lr_search") if k in entry})
     path.write_text(json.dumps(data, indent=1))
 
 
@@ -348,10 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path(args.out)
     runs = plan(settings, args.seeds, args.groups, args.methods, args.extra_seeds)
+    search = search_plan(settings, args.lr_search, args.seeds[0], args.groups, args.methods) if args.lr_search else []
     if args.dry_run:
-        for r in runs:
+        for r in [*search, *runs]:
             mark = "done" if is_done(r, root) else "todo"
-            print(f"{mark}  {r.key}  python -m train {shlex.join(settings.train_argv(r, r.out_dir(root)))}")
+            lr = "  (at the rate the search chooses)" if search and not r.search and r.method in TRAINED else ""
+            print(f"{mark}  {r.key}  python -m train {shlex.join(settings.train_argv(r, r.out_dir(root)))}{lr}")
         return 0
     jobs = args.jobs or max(1, min(10, (os.cpu_count() or 1) * 3 // 4))
     started = time.time()
@@ -369,6 +432,29 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     root.mkdir(parents=True, exist_ok=True)
+    if search:
+        found = run_matrix(search, root, settings, jobs=jobs, threads=args.threads, time_limit=args.time_limit,
+                           keep_checkpoints=args.keep_checkpoints)
+        chosen = choose_lrs(search, root, settings)
+        entry["lr_search"] = {"multipliers": args.lr_search, "seed": args.seeds[0], "groups": chosen}
+        if found["stopped"] or found["not started"]:
+            entry.update(wall_s=round(time.time() - started, 1), finished=_now(), runs={"done": found["done"]})
+            _record_invocation(root, entry)
+            print("matrix: the learning-rate search did not finish; run the same command again", flush=True)
+            return 1
+        for group, methods in chosen.items():
+            for method, c in methods.items():
+                tried = ", ".join(f"{float(lr):g}: {'failed' if s is None else f'{100 * s:.1f}'}"
+                                  for lr, s in c["tried"].items())
+                print(f"{group}/{method}: lr {c['chosen']:g} (ID val top-1 {tried})", flush=True)
+        runs = [Run(r.group, r.method, r.seed, lr=chosen[r.group.name][r.method]["chosen"])
+                if r.method in chosen.get(r.group.name, {}) else r for r in runs]
+        stale = [r.key for r in runs if r.lr is not None and is_done(r, root) and _trained_lr(r, root) not in
+                 (None, r.lr)]
+        if stale:
+            print(f"error: {', '.join(stale)} finished at another learning rate than the search chose; "
+                  "move them away or use another --out", file=sys.stderr)
+            return 2
     summary = run_matrix(runs, root, settings, jobs=jobs, threads=args.threads, time_limit=args.time_limit,
                          keep_checkpoints=args.keep_checkpoints)
     entry.update(wall_s=round(time.time() - started, 1), finished=_now(),

@@ -480,6 +480,14 @@ def matrix_lines(matrix: dict[str, Any], walls: dict[str, Any] | None) -> list[s
                   "- **Seeds**: each row's seeds column; mean ± sample std over seeds. "
                   "Zero-shot is deterministic and runs once; so does the linear probe when its training data does "
                   "not depend on the seed."]
+    search = matrix.get("lr_search")
+    if search:
+        parts = [f"{g}/{m} {c['chosen']:g} (of " + ", ".join(f"{float(lr):g}" for lr in c["tried"]) + ")"
+                 for g, methods in search["groups"].items() for m, c in methods.items()]
+        times = ", ".join(f"{k:g}" for k in search["multipliers"])
+        lines.append(f"- **Learning rate, chosen on ID validation** (top-1 at alpha 1 after training, seed "
+                     f"{search['seed']}, each method's usual rate times {times}; the same number of tries for "
+                     f"every method): {'; '.join(parts)}.")
     for i in inv:
         m = i.get("machine", {})
         hw = ", ".join(x for x in (m.get("gpu"), f"{m.get('cpus')} CPUs", f"torch {m.get('torch')}",
