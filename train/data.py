@@ -42,6 +42,11 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_descriptions(self, per_class: list[str]) -> None:
+        """DRM's descriptions, one per benchmark class; the trained classes (base-to-novel) get theirs."""
+        self.spec_descriptions = list(per_class)
+        self.descriptions = list(per_class) if self.class_subset is None else [per_class[c] for c in self.class_subset]
+
     def dataset(self, transform) -> ImageDataset:
         return ImageDataset(self.images, np.arange(len(self.labels)), transform)
 

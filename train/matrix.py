@@ -173,12 +173,15 @@ def search_plan(settings: Settings, multipliers: list[float], seed: int, groups:
     return sorted(runs, key=lambda r: -r.group.cost * METHOD_COST[r.method])
 
 
+def run_metrics(run: Run, root: Path) -> dict[str, Any]:
+    """A finished run's ``metrics.json`` (empty if it has not finished)."""
+    path = run.out_dir(root) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def search_score(run: Run, root: Path) -> float | None:
     """A search run's ID validation top-1 at alpha 1 after training (``None`` if it has none)."""
-    path = run.out_dir(root) / "metrics.json"
-    if not path.is_file():
-        return None
-    curve = json.loads(path.read_text()).get("training", {}).get("val_curve") or []
+    curve = run_metrics(run, root).get("training", {}).get("val_curve") or []
     return curve[-1]["top1"] if curve else None
 
 
@@ -387,8 +390,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _trained_lr(run: Run, root: Path) -> float | None:
     """The learning rate a finished run's saved config holds (``None`` if it holds none)."""
-    path = run.out_dir(root) / "metrics.json"
-    lr = json.loads(path.read_text()).get("config", {}).get("lr") if path.is_file() else None
+    lr = run_metrics(run, root).get("config", {}).get("lr")
     return None if lr is None else float(lr)
 
 

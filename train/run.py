@@ -49,9 +49,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             and data.spec_descriptions:
         checked = choose_descriptions(model, tokenizer, preprocess, data.bench.spec, data.bench.val,
                                       data.templates, cfg.eval_limit)
-        chosen = list(checked["candidates"][checked["chosen"]]["descriptions"].values())
-        data.spec_descriptions = chosen
-        data.descriptions = chosen if data.class_subset is None else [chosen[c] for c in data.class_subset]
+        data.set_descriptions(list(checked["candidates"][checked["chosen"]]["descriptions"].values()))
     out.mkdir(parents=True, exist_ok=True)
     if world.main:
         cfg.save(out / "config.json")
