@@ -134,9 +134,9 @@ def _merged(duplicates: list[str]) -> str:
 
 
 def _verdict(probs: dict[str, float], truth: str | None) -> str:
-    name, p = max(probs.items(), key=lambda kv: kv[1])
-    mark = "" if truth is None else (" ✓" if name == truth else " ✗")
-    return f"{name} ({100 * p:.0f}%){mark}"
+    """The top class (``_top``), marked right or wrong when the true class is known."""
+    mark = "" if truth is None else (" ✓" if max(probs, key=probs.get) == truth else " ✗")
+    return _top(probs) + mark
 
 
 def build_ui(service: ModelService, retrieval: RetrievalService | None, examples: Examples) -> gr.Blocks:
@@ -317,9 +317,9 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
             gr.Markdown("### Background shift (the emoji-backgrounds benchmark)\n"
                         "In training, each class sat on its own background 95% of the time; a fine-tuned model "
                         "learns the background as a shortcut, the zero-shot model never saw it. Put an unseen "
-                        "emoji on another background and drag alpha: somewhere between 0 and 1 the merged model "
-                        "keeps the fine-tuned accuracy on the training background and the zero-shot robustness "
-                        "on the new one (the curve below marks your alpha).")
+                        "emoji on another background and drag alpha: look for the alpha where the merged model "
+                        "keeps most of the fine-tuned accuracy on the training background and most of the "
+                        "zero-shot robustness on the new one (the curve below marks your alpha).")
             with gr.Row():
                 with gr.Column():
                     first_emoji = shift_emoji[0] if shift_emoji else None
