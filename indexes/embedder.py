@@ -52,6 +52,10 @@ class Embedder:
                  adapter_path: str | None = None, batch_size: int = 64, num_workers: int = 0) -> None:
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
         self.batch_size, self.num_workers = batch_size, num_workers
+        # Called after every batch embedded into an index with (part, done, total): a server
+        # building one in the background reports progress through it, and may block in it to
+        # let a user's request have the CPU first.
+        self.on_batch: Callable[[str, int, int], None] | None = None
         self.adapter_sha256, self.adapter_path = adapter_sha256, adapter_path
         info = getattr(model, "radapter_model_info", None)
         self.model_name = model_name or (info.name if info else type(model).__name__)

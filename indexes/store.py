@@ -165,7 +165,8 @@ def _embed_chunks(embedder: Embedder, part: str, items: Sequence[Any], digests: 
              for s in starts]
     done = [f.is_file() for f in files]
     initial = sum(min(chunk, len(items) - s) for s, d in zip(starts, done, strict=True) if d)
-    embedded = 0
+    embedded, done_items = 0, initial
+    on_batch = getattr(embedder, "on_batch", None)
     with tqdm(total=len(items), initial=initial, desc=f"embedding {part}s", disable=not progress,
               unit=part) as bar:
         for s, file, d in zip(starts, files, done, strict=True):
@@ -177,6 +178,9 @@ def _embed_chunks(embedder: Embedder, part: str, items: Sequence[Any], digests: 
             for b in batched:
                 batches.append(b)
                 bar.update(len(b))
+                done_items += len(b)
+                if on_batch is not None:
+                    on_batch(part, done_items, len(items))
             with atomic_path(file) as tmp, open(tmp, "wb") as f:
                 np.save(f, np.concatenate(batches).astype(np.float32, copy=False))
             embedded += n

@@ -228,17 +228,89 @@ def test_retrieval_answers_from_the_nearest_alpha_index(service, tmp_path):
         Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
     retrieval = RetrievalService(service, from_folder(tmp_path), tmp_path / "indexes", alphas=[0.0, 0.5, 1.0])
     retrieval.warm("colours")
-    assert retrieval._jobs["colours"].wait(timeout=120)
-    assert retrieval.status("colours") == "indexes ready"
+    assert retrieval.wait("colours", timeout=120)
+    assert retrieval.status("colours") == "indexes ready (3 alphas)"
     ans = retrieval.search("a red square", "text->image", "colours", 0.4)
     assert ans.index_alpha == 0.5 and "alpha = 0.5" in ans.message and "nearest" in ans.message
     assert len(ans.items) == 6
     exact = retrieval.search(IMAGE, "image->image", "colours", 1.0)
     assert exact.index_alpha == 1.0 and "nearest" not in exact.message
     retrieval.warm(NO_ADAPTER)  # the zero-shot model has one index, built in the background
-    assert retrieval._jobs[NO_ADAPTER].wait(timeout=120)
+    assert retrieval.wait(NO_ADAPTER, timeout=120)
     base = retrieval.search("a red square", "text->image", NO_ADAPTER, 0.7)
     assert base.index_alpha is None and len(base.items) == 6 and "zero-shot" in base.message
+
+
+def _held_retrieval(service, tmp_path, alphas, alphas_built: int):
+    """A retrieval service whose index build stops in its batch hook once ``alphas_built``
+    indexes are built, until the returned event is set (standing in for a long build)."""
+    from app.retrieval import RetrievalService
+    from indexes.collection import from_folder
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    retrieval = RetrievalService(service, from_folder(tmp_path), tmp_path / "indexes", alphas=alphas)
+    release, held = threading.Event(), threading.Event()
+    own = retrieval._on_batch
+
+    def on_batch(progress):
+        report = own(progress)
+
+        def hook(part, done, total):
+            report(part, done, total)
+            if len(progress.built) >= alphas_built:
+                held.set()
+                assert release.wait(60)
+        return hook
+
+    retrieval._on_batch = on_batch
+    return retrieval, release, held
+
+
+def test_building_an_index_never_blocks_classification(service, tmp_path):
+    retrieval, release, held = _held_retrieval(service, tmp_path, [0.0, 1.0], 0)
+    try:
+        retrieval.warm(NO_ADAPTER)  # the zero-shot model's index, on the model zero-shot requests use
+        assert held.wait(60) and retrieval.building(NO_ADAPTER)
+        done = threading.Event()
+        threading.Thread(target=lambda: (service.probabilities(IMAGE, CLASSES, NO_ADAPTER, 0.0), done.set()),
+                         daemon=True).start()
+        assert done.wait(30), "classification waited for the index build"
+        assert "embedding images" in retrieval.status(NO_ADAPTER)
+    finally:
+        release.set()
+    assert retrieval.wait(NO_ADAPTER, 60) and retrieval.status(NO_ADAPTER) == "index ready"
+
+
+def test_a_search_during_the_build_waits_with_progress_then_answers(service, tmp_path):
+    from app.retrieval import IndexNotReady
+
+    retrieval, release, held = _held_retrieval(service, tmp_path, [0.0, 0.5, 1.0], 1)  # hold in the 2nd
+    try:
+        waiting = retrieval.wait_for_index("colours", timeout=60, every=0.01)
+        first = next(waiting)  # nothing is built yet: the wait reports the build
+        assert first.startswith("building indexes:")
+        list(waiting)  # returns once the first alpha's index is on disk
+        assert held.wait(60)
+        (built,) = retrieval.progress("colours").built
+        todo = next(a for a in (0.0, 0.5, 1.0) if a != built)
+        ans = retrieval.search("a red square", "text->image", "colours", todo)
+        assert ans.index_alpha == built and len(ans.items) == 6
+        assert "building indexes: 1/3 alphas ready" in ans.message  # says the grid is not complete
+    finally:
+        release.set()
+    assert retrieval.wait("colours", 60)
+    assert list(retrieval.wait_for_index("colours")) == []  # built: no wait at all
+    assert "building" not in retrieval.search("a red square", "text->image", "colours", todo).message
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    retrieval._embedder = broken  # the zero-shot index cannot be built: the wait ends with the reason
+    with pytest.raises(IndexNotReady, match="disk full"):
+        list(retrieval.wait_for_index(NO_ADAPTER, timeout=60, every=0.01))
+    assert retrieval.status(NO_ADAPTER) == "index build failed: disk full"
 
 
 def _save_png(tmp_path) -> str:
