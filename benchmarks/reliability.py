@@ -163,7 +163,8 @@ class App:
                "GRADIO_TEMP_DIR": str(self.workdir / "gradio")}
         self.log = (self.workdir / "app.log").open("a")
         self.proc = subprocess.Popen([sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port),
-                                      "--collection", f"folder:{photos}", "--index-dir", str(self.workdir / "indexes")],
+                                      "--no-prepare", "--collection", f"folder:{photos}",
+                                      "--index-dir", str(self.workdir / "indexes")],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url, self.pid = f"http://127.0.0.1:{port}", self.proc.pid
         t0 = time.monotonic()

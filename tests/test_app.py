@@ -390,3 +390,27 @@ def test_adapters_are_listed_by_name_so_the_shipped_default_comes_first(service,
     first = next(iter(shipped.values()))
     assert first.name == "emoji-backgrounds" and first.info["training"]["benchmark"] == "emoji-backgrounds"
     assert first.drm is None and shipped["emoji-backgrounds-drm"].drm is not None
+
+
+def test_the_app_prepares_missing_data_once_and_starts_without_it_on_failure(tmp_path, monkeypatch, caplog):
+    import radapter.data.prepare as prep
+    from app.main import APP_DATA, prepare_data
+
+    asked: list[list[str]] = []
+
+    def fake_prepare(names, root, **kwargs):
+        asked.append(list(names))
+        for n in names:
+            if n != "segmentation":  # one benchmark fails to prepare
+                (root / n).mkdir(parents=True, exist_ok=True)
+        raise radapter.RAdapterError("npm is not installed")
+
+    monkeypatch.setattr(prep, "prepare", fake_prepare)
+    monkeypatch.setattr(prep, "is_prepared", lambda folder: folder.is_dir())
+    with caplog.at_level("INFO"):
+        missing = prepare_data(tmp_path)
+    assert asked == [list(APP_DATA)] and missing == ["segmentation"]
+    assert "could not prepare" in caplog.text and "npm is not installed" in caplog.text
+    asked.clear()
+    (tmp_path / "segmentation").mkdir()
+    assert prepare_data(tmp_path) == [] and asked == []  # all there: nothing is prepared again

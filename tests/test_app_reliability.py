@@ -326,7 +326,7 @@ def test_python_m_app_starts_with_the_good_adapters_and_guards_requests(tmp_path
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--collection", "",
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--no-prepare", "--collection", "",
                                  "--adapter-dir", str(tmp_path / "adapters")],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -71,7 +71,8 @@ def app_url(workdir: Path) -> Iterator[str]:
     log = (workdir / "app.log").open("w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "GRADIO_TEMP_DIR": str(workdir / "gradio")}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--adapter-dir", str(ROOT / "adapters"),
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--no-prepare",
+                             "--adapter-dir", str(ROOT / "adapters"),
                              "--collection", f"folder:{photos['chelsea'].parent}",
                              "--index-dir", str(workdir / "indexes")],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
