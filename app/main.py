@@ -65,7 +65,7 @@ def prepare_data(data_dir: str | Path | None = None, names: tuple[str, ...] = AP
     a log line: the app starts without what needs them, and says so where they are used."""
     from radapter.data.cache import data_dir as resolve_data
     from radapter.data.prepare import is_prepared, prepare
-    from radapter.errors import RAdapterError
+    from radapter.errors import RAdapterError, first_line
 
     root = resolve_data(data_dir)
     missing = [n for n in names if not is_prepared(root / n)]
@@ -76,7 +76,7 @@ def prepare_data(data_dir: str | Path | None = None, names: tuple[str, ...] = AP
     try:
         prepare(missing, root)
     except (RAdapterError, OSError) as e:
-        log.warning("could not prepare %s: %s", ", ".join(missing), str(e).splitlines()[0] if str(e) else e)
+        log.warning("could not prepare %s: %s", ", ".join(missing), first_line(e))
     return [n for n in names if not is_prepared(root / n)]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import radapter
 from indexes import Collection, Embedder, IndexCache, build_alpha_grid, get_or_build
 from indexes.keys import file_sha256
+from radapter.errors import first_line
 
 from .service import NO_ADAPTER, InputError, ModelService
 
@@ -146,7 +147,7 @@ class RetrievalService:
                                  on_start=on_start, on_built=on_built)
         except Exception as e:  # shown on the page; the app keeps serving the other tabs
             log.warning("building %s's retrieval indexes failed: %s", name, e)
-            progress.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            progress.error = first_line(e)
         finally:
             progress.finished = True
 

@@ -23,7 +23,7 @@ from gradio.data_classes import ImageData
 from pydantic import ConfigDict, ValidationError
 
 from radapter.data.benchmark_spec import get_spec
-from radapter.errors import RAdapterError
+from radapter.errors import RAdapterError, first_line
 from radapter.evaluation import plot_alpha_sweep
 
 from .backgrounds import BackgroundShift
@@ -63,7 +63,7 @@ def _messages(name: str) -> Iterator[None]:
     except gr.Error:  # a ValueError too: already a message (from a nested handler), not to wrap again
         raise
     except (InputError, RAdapterError, ValueError) as e:
-        raise user_error(str(e).splitlines()[0] if str(e) else type(e).__name__, name) from None
+        raise user_error(first_line(e), name) from None
     except Exception:
         log.exception("handler %s failed", name)
         raise gr.Error("Something went wrong on the server; the error is in the server log.",
@@ -169,7 +169,6 @@ def _verdict(probs: dict[str, float], truth: str | None) -> str:
 def build_ui(service: ModelService, retrieval: RetrievalService | None, examples: Examples) -> gr.Blocks:
     adapters = service.adapter_names()
     first = adapters[0]
-    first_alpha = service.adapters[first].default_alpha if first in service.adapters else 0.0
     shift = BackgroundShift(examples.data)
     shift_emoji = shift.emoji_names()
     r_first = default_retrieval_adapter(service)
@@ -321,7 +320,7 @@ def build_ui(service: ModelService, retrieval: RetrievalService | None, examples
                     "open tab is computed again at the new alpha.", elem_id="header")
         with gr.Row():
             adapter = gr.Dropdown(adapters, value=first, label="Adapter (server-side files)", elem_id="adapter")
-            alpha = checked_slider(check_alpha, 0.0, 1.0, value=first_alpha, step=ALPHA_STEP, elem_id="alpha",
+            alpha = checked_slider(check_alpha, 0.0, 1.0, value=default_alpha(first), step=ALPHA_STEP, elem_id="alpha",
                                    label="alpha (0 = zero-shot, 1 = fine-tuned)")
             beta = checked_slider(check_beta, 0.0, 1.0, value=0.5, step=0.05, elem_id="beta",
                                   label="DRM beta: 1 = default head, 0 = description head", visible=is_drm(first))

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from radapter.errors import first_line
+
 from .errors import CollectionError
 
 if TYPE_CHECKING:
@@ -261,7 +263,7 @@ def parse_collection(spec: str, *, caption_template: str | None = None, data_dir
     except CollectionError:
         raise
     except Exception as e:  # reader errors (RAdapterError and OSError) become one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise CollectionError(f"cannot read collection {spec!r}: {msg}") from None
     raise CollectionError(
         f"cannot read collection {spec!r}: expected BENCH:SET (e.g. emoji:google-test), folder:PATH, "

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 import radapter
 from radapter.atomic import atomic_dir, atomic_path, crash_point, discard, folder_lock, recover_dir
+from radapter.errors import first_line
 
 from . import ann
 from .collection import PARTS, Collection, collection_hash
@@ -219,7 +220,7 @@ def _embed_or_stop(embedder, work: Path, chunk_size: int, progress: bool, items,
     except IndexStoreError:
         raise
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise IndexBuildError(f"{what} stopped: {msg} ({intact}; re-run to resume from the chunks kept in {work})") \
             from e
 

@@ -33,7 +33,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES, submod_attrs
     "adapters.placement": ["PlacementSpec", "list_placements", "register_placement", "site_weights"],
     "adapters.sites": ["register_site_kind"],
     "cpu_memory": ["add_keep_freed_memory_option", "keep_freed_memory"],
-    "errors": ["CheckpointError", "ModelLoadError", "PlacementError", "RAdapterError"],
+    "errors": ["CheckpointError", "ModelLoadError", "PlacementError", "RAdapterError", "first_line"],
     "evaluation.zero_shot": ["OPENAI_TEMPLATES", "SIMPLE_TEMPLATES", "ZeroShotHead", "zero_shot_classifier"],
     "losses": ["clip_loss", "cross_entropy", "mpm_nce_loss"],
     "models.registry": ["DEFAULT_MODEL", "TINY_MODEL", "list_models", "load_model", "register_model"],

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class RAdapterError(Exception):
     """Base class for radapter errors that should reach the user as one clear line."""
 

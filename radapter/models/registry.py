@@ -24,7 +24,7 @@ from typing import Any
 import open_clip
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from .info import ModelInfo
 from .text_padding import trim_text_padding
 
@@ -118,7 +118,7 @@ def load_model(
         )
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         if "download" in msg.lower() or "hub" in msg.lower() or "connection" in msg.lower():
             raise ModelLoadError(f"cannot fetch {name_or_path!r} (no network?); {_offline_hint(name)}") from None
         raise ModelLoadError(f"cannot load {name_or_path!r}: {msg}") from None
